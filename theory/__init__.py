@@ -1,0 +1,1 @@
+"""PAC-Bayes bounds and Bernoulli kl inverses in numpy/scipy, with no torch dependency."""

@@ -1,0 +1,1 @@
+"""Exact float64 oracles for small networks, independent of crsam's estimators."""
