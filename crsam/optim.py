@@ -8,7 +8,7 @@ take its step at ``w``.
 
 Guarantees that hold for both classes:
 
-* Every pass sees the same torch random state (so dropout draws the same masks), and after the
+* Every pass starts from the same torch random state (so dropout draws the same masks), and after the
   step the random state is as if the closure had run once.
 * Weights are saved once and restored by copy in a ``finally`` block, also when the closure
   raises.
@@ -53,7 +53,11 @@ def _check_hyperparameter(name: str, value: Any) -> None:
 
 
 class _RandomState:
-    """Snapshot of torch's global generators: the CPU one and every initialized CUDA device."""
+    """Snapshot of torch's global generators: the CPU one and every initialized CUDA device.
+
+    NOTE: Python's ``random`` and numpy's generators are not captured, so a closure that draws
+    from them (data augmentation, say) sees different draws in each pass. Draw those outside.
+    """
 
     def __init__(self) -> None:
         self.cpu = torch.get_rng_state()
@@ -316,7 +320,7 @@ class SAM(_SharpnessAwareOptimizer):
         base_optimizer: the optimizer class that takes the step, such as ``torch.optim.SGD``.
         rho: radius of the perturbation (default 0.05), >= 0.
         model: the module being trained; given it, normalization layers' running statistics are
-            restored after the perturbed pass.
+            restored after the perturbed pass. Without it the perturbed pass updates them too.
         **base_kwargs: arguments of ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     Example:
@@ -369,7 +373,7 @@ class CRSAM(_SharpnessAwareOptimizer):
         d = g_+ + \alpha\,(g_+ + g_- - 2 g_0) + \beta\,(g_+ - g_-)
           = (1 + \alpha + \beta)\, g_+ + (\alpha - \beta)\, g_- - 2 \alpha\, g_0 .
 
-    Three forward-backward passes per step. With :math:`\epsilon` held fixed (as SAM holds it),
+    Three forward-backward passes per step. With :math:`\epsilon` held fixed, as in SAM's gradient,,
     Taylor expansion gives :math:`g_+ + g_- - 2 g_0 = \nabla_w (\epsilon^\top H(w)\, \epsilon)
     + O(\rho^4)` and :math:`g_+ - g_- = 2 H \epsilon + O(\rho^3) = 2\rho\,\nabla_w \lVert \nabla L(w)
     \rVert + O(\rho^3)`, so to leading order :math:`d` is the gradient of
@@ -395,7 +399,7 @@ class CRSAM(_SharpnessAwareOptimizer):
             code).
         beta: weight of the gradient-norm term ``g+ - g-``, >= 0.
         model: the module being trained; given it, normalization layers' running statistics are
-            restored after each perturbed pass.
+            restored after each perturbed pass. Without it the perturbed passes update them too.
         **base_kwargs: arguments of ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     With ``alpha = beta = 0`` the step equals :class:`SAM`'s (it still runs the third pass).
