@@ -171,27 +171,41 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor | float] | None = None) -> Tensor | float:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[[], Tensor | float] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> Tensor | float:
         """Run the passes, combine their gradients and take the base optimizer's step at ``w``.
 
         Args:
             closure: zeroes the gradients, runs forward and backward on the batch and returns the
-                loss. It is called once at ``w`` and once per perturbed point.
+                loss. It is called once at ``w`` and once per perturbed point. With a ``scaler``
+                it calls ``scaler.scale(loss).backward()`` and returns the unscaled loss.
+            scaler: a ``torch.amp.GradScaler`` for float16 training, which the optimizer drives
+                itself, because ``GradScaler.step`` rejects closures. Each pass's gradients are
+                unscaled before any norm is taken. On an overflow in any pass the weights are
+                restored, the step is skipped and the scale backs off, as in ``GradScaler.step``.
+                ``scaler.update()`` runs inside this call: do not call it again.
 
         Returns:
             The loss at ``w`` as returned by the closure.
 
         Raises:
-            NonFiniteLossError: a pass returned a NaN or infinite loss, or the gradient at ``w``
-                has a non-finite norm. The weights are restored and no step is taken.
+            NonFiniteLossError: without a scaler, a pass returned a NaN or infinite loss, or the
+                gradient at ``w`` has a non-finite norm. The weights are restored and no step is
+                taken.
         """
         if closure is None:
             raise TypeError(
                 f"{type(self).__name__}.step needs a closure that zeroes the gradients, runs the "
                 "forward and backward pass and returns the loss"
             )
+        if scaler is not None and not scaler.is_enabled():
+            scaler = None
         closure = torch.enable_grad()(closure)
         self.num_steps += 1
+        unscaler = _Unscaler(scaler) if scaler is not None else None
 
         # Pass at w, remembering the random state before and after it.
         random_before = _RandomState()
@@ -200,17 +214,21 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
             raise TypeError(f"the closure passed to {type(self).__name__}.step returned None; return the loss")
         random_after = _RandomState()
         norm_buffers = _NormBuffers(self.model)
+        if unscaler is not None:
+            unscaler.unscale([p for group in self.param_groups for p in group["params"]])
 
         groups = [_GroupBuffers(group) for group in self.param_groups]
         groups = [g for g in groups if g.params]
         if not groups:
             # No parameter received a gradient: nothing to perturb and nothing to update.
-            self._check_finite([loss_at_w], None)
+            if unscaler is None:
+                self._check_finite([loss_at_w], None)
             return loss_at_w
         if all(g.rho == 0.0 for g in groups):
             # Without a perturbation every pass would return the gradient at w: skip them.
-            self._check_finite([loss_at_w], None)
-            self.base_optimizer.step()
+            for g in groups:
+                g.direction = [p.grad for p in g.params]
+            self._finish(groups, [loss_at_w], None, unscaler)
             return loss_at_w
 
         # eps = rho * g0 / ||g0|| with the norm over every group; a zero gradient gives eps = 0.
@@ -231,6 +249,8 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
                 random_before.restore()
                 losses.append(closure())
                 norm_buffers.restore()
+                if unscaler is not None:
+                    unscaler.unscale([p for g in groups for p in g.params])
                 self._combine(groups, pass_index)
         finally:
             for g in groups:
@@ -238,18 +258,34 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
             random_after.restore()
             norm_buffers.restore()
 
-        self._check_finite(losses, grad_norm)
+        self._finish(groups, losses, grad_norm, unscaler)
+        return loss_at_w
+
+    def _finish(
+        self,
+        groups: list[_GroupBuffers],
+        losses: list[Tensor | float],
+        grad_norm: Tensor | None,
+        unscaler: _Unscaler | None,
+    ) -> None:
+        """Check the passes, hand the directions to ``.grad`` and take the base optimizer's step."""
+        if unscaler is None:
+            self._check_finite(losses, grad_norm)
         for g in groups:
             for param, direction in zip(g.params, g.direction):
                 param.grad = direction
+
         # A parameter without a gradient at w takes no step, even if a perturbed pass reached it.
         moved = {id(param) for g in groups for param in g.params}
         for group in self.param_groups:
             for param in group["params"]:
                 if id(param) not in moved:
                     param.grad = None
-        self.base_optimizer.step()
-        return loss_at_w
+
+        if unscaler is None:
+            self.base_optimizer.step()
+        else:
+            unscaler.step(self.base_optimizer, [p for g in groups for p in g.params])
 
     def _check_finite(self, losses: list[Tensor | float], grad_norm: Tensor | None) -> None:
         """Raise NonFiniteLossError naming the step and the pass; one host sync for all values."""
@@ -271,6 +307,43 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
                 f"{float(values[-1])}; the weights were restored and no step was taken. "
                 "Lower the learning rate, or clip the loss scale when training in low precision"
             )
+
+
+class _Unscaler:
+    """Unscale each pass's gradients for a GradScaler and remember whether any overflowed.
+
+    ``GradScaler.unscale_`` may run once per step, and ``GradScaler.step`` rejects closures, so
+    the passes are unscaled here, and at the end the combined gradient is scaled back and handed
+    to the scaler's own ``unscale_``, ``step`` and ``update`` on the base optimizer. An overflow in
+    any pass is written into that gradient as an infinity, so the scaler skips the step and backs
+    off exactly as it would for one pass.
+    """
+
+    def __init__(self, scaler: torch.amp.GradScaler) -> None:
+        self.scaler = scaler
+        self.found_inf: dict[torch.device, Tensor] = {}
+
+    def unscale(self, params: list[Tensor]) -> None:
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for param in params:
+            if param.grad is not None:
+                by_device.setdefault(param.grad.device, []).append(param.grad)
+        for device, grads in by_device.items():
+            found_inf = self.found_inf.setdefault(device, torch.zeros((), device=device))
+            inv_scale = torch.full((), 1.0 / self.scaler.get_scale(), device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+
+    def step(self, base_optimizer: torch.optim.Optimizer, params: list[Tensor]) -> None:
+        scale = self.scaler.get_scale()
+        found_any = sum(found.to(params[0].device) for found in self.found_inf.values())
+        grads = [param.grad for param in params]
+        # Powers of two (GradScaler's default scales) make this product exact. An overflow turns
+        # the first gradient into inf or NaN, which the scaler's own check then finds.
+        torch._foreach_mul_(grads, scale)
+        grads[0].mul_(torch.where(found_any > 0, torch.inf, 1.0))
+        self.scaler.unscale_(base_optimizer)
+        self.scaler.step(base_optimizer)
+        self.scaler.update()
 
 
 class _GroupBuffers:

@@ -513,3 +513,55 @@ def test_adamw_base_optimizer_state_round_trips():
 
     assert len(state["state"]) == 4
     assert all("exp_avg" in entry for entry in state["state"].values())
+
+
+def scaled_closure(model, optimizer, x, y, scaler, poison_call=None):
+    calls = []
+
+    def closure():
+        calls.append(1)
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        if len(calls) == poison_call:
+            loss = loss * float("inf")
+        scaler.scale(loss).backward()
+        return loss
+
+    return closure
+
+
+@pytest.mark.parametrize("optimizer_class", [SAM, CRSAM])
+def test_grad_scaler_matches_unscaled_step(optimizer_class):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(6, 3), torch.randn(6, 2)
+    optimizer = optimizer_class(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    twin_optimizer = optimizer_class(twin.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1)
+
+    for _ in range(3):
+        optimizer.step(scaled_closure(model, optimizer, x, y, scaler), scaler=scaler)
+        twin_optimizer.step(closure_for(twin, twin_optimizer, x, y))
+
+    # Scaling by a power of two is exact in float32, so both runs agree bit for bit.
+    for param, twin_param in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(param, twin_param)
+    assert scaler.get_scale() == 2.0**15
+
+
+@pytest.mark.parametrize("poison_call", [1, 2, 3])
+def test_grad_scaler_overflow_skips_step(poison_call):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    x, y = torch.randn(6, 3), torch.randn(6, 2)
+    optimizer = CRSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    optimizer.step(scaled_closure(model, optimizer, x, y, scaler, poison_call), scaler=scaler)
+
+    for param, saved in zip(model.parameters(), before):
+        assert torch.equal(param.detach(), saved)
+    assert scaler.get_scale() == 2.0**11
+    assert len(optimizer.state_dict()["state"]) == 0
