@@ -29,6 +29,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -101,6 +102,7 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
         base_optimizer: type[torch.optim.Optimizer],
         *,
         model: nn.Module | None,
+        perturbation: str,
         own_defaults: dict[str, float],
         **base_kwargs: Any,
     ) -> None:
@@ -112,6 +114,8 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
             )
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+        if perturbation not in ("global", "local"):
+            raise ValueError(f"perturbation must be 'global' or 'local', got {perturbation!r}")
         for name, value in own_defaults.items():
             _check_hyperparameter(name, value)
         clashes = sorted(set(own_defaults) & set(base_kwargs))
@@ -126,6 +130,7 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._link_base_optimizer()
         self.defaults = {**self.base_optimizer.defaults, **self.defaults}
         self.model = model
+        self.perturbation = perturbation
         self.num_steps = 0
 
     def _link_base_optimizer(self) -> None:
@@ -163,12 +168,25 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the step
 
-    def _num_passes(self) -> int:
+    def _perturbed_passes(self, groups: list[_GroupBuffers], run: Callable[[], Tensor | float]) -> list[Tensor | float]:
+        """Run the perturbed passes and leave the local direction in each group.
+
+        :meth:`_move` places the weights, and ``run()`` calls the closure there and returns the
+        loss. Each subclass sets ``g.direction`` to its update direction, in which the gradient at
+        ``w`` (the only one that may already be averaged over processes) enters through
+        :meth:`_add_gradient_at_w` after the all-reduce.
+        """
         raise NotImplementedError
 
-    def _combine(self, groups: list[_GroupBuffers], pass_index: int) -> None:
-        """Fold the gradients of perturbed pass ``pass_index`` (1 or 2) into the buffers."""
-        raise NotImplementedError
+    def _add_gradient_at_w(self, groups: list[_GroupBuffers]) -> None:
+        """Add the gradient-at-w term of the direction (none for SAM)."""
+
+    @staticmethod
+    def _move(groups: list[_GroupBuffers], sign: float) -> None:
+        """Set the weights to ``w + sign * eps`` from the saved copy of ``w``."""
+        for g in groups:
+            torch._foreach_copy_(g.params, g.weights)
+            torch._foreach_add_(g.params, g.eps, alpha=sign)
 
     @torch.no_grad()
     def step(  # type: ignore[override]
@@ -209,7 +227,8 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
 
         # Pass at w, remembering the random state before and after it.
         random_before = _RandomState()
-        loss_at_w = closure()
+        with self._no_sync() if self.perturbation == "local" else contextlib.nullcontext():
+            loss_at_w = closure()
         if loss_at_w is None:
             raise TypeError(f"the closure passed to {type(self).__name__}.step returned None; return the loss")
         random_after = _RandomState()
@@ -228,6 +247,8 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
             # Without a perturbation every pass would return the gradient at w: skip them.
             for g in groups:
                 g.direction = [p.grad for p in g.params]
+            if self.perturbation == "local" and self._distributed_group() is not None:
+                self._all_reduce_mean([d for g in groups for d in g.direction])
             self._finish(groups, [loss_at_w], None, unscaler)
             return loss_at_w
 
@@ -239,27 +260,55 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
             g.eps = torch._foreach_mul(g.grad_at_w, scale)
             g.weights = torch._foreach_mul(g.params, 1.0)
 
-        losses = [loss_at_w]
+        def run() -> Tensor | float:
+            random_before.restore()
+            with self._no_sync():
+                loss = closure()
+            norm_buffers.restore()
+            if unscaler is not None:
+                unscaler.unscale([p for g in groups for p in g.params])
+            return loss
+
         try:
-            for pass_index in range(1, self._num_passes()):
-                sign = 1.0 if pass_index == 1 else -1.0
-                for g in groups:
-                    torch._foreach_copy_(g.params, g.weights)
-                    torch._foreach_add_(g.params, g.eps, alpha=sign)
-                random_before.restore()
-                losses.append(closure())
-                norm_buffers.restore()
-                if unscaler is not None:
-                    unscaler.unscale([p for g in groups for p in g.params])
-                self._combine(groups, pass_index)
+            losses = [loss_at_w, *self._perturbed_passes(groups, run)]
         finally:
             for g in groups:
                 torch._foreach_copy_(g.params, g.weights)
             random_after.restore()
             norm_buffers.restore()
 
+        # Gradients of the perturbed passes are local to this process: average them once.
+        if self._distributed_group() is not None:
+            self._all_reduce_mean([d for g in groups for d in g.direction])
+        self._add_gradient_at_w(groups)
         self._finish(groups, losses, grad_norm, unscaler)
         return loss_at_w
+
+    def _distributed_group(self) -> Any:
+        """Return the DDP model's process group, or None when not training with DDP."""
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return self.model.process_group
+        return None
+
+    def _no_sync(self) -> contextlib.AbstractContextManager[Any]:
+        """Return DDP's ``no_sync`` context for passes whose gradients stay local."""
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def _all_reduce_mean(self, tensors: list[Tensor]) -> None:
+        """Average tensors over the DDP process group with one all-reduce per dtype and device."""
+        process_group = self._distributed_group()
+        world_size = torch.distributed.get_world_size(process_group)
+        buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        for tensor in tensors:
+            buckets.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+        for bucket in buckets.values():
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            torch.distributed.all_reduce(flat, group=process_group)
+            flat.div_(world_size)
+            pieces = flat.split([t.numel() for t in bucket])
+            torch._foreach_copy_(bucket, [piece.view_as(t) for piece, t in zip(pieces, bucket)])
 
     def _finish(
         self,
@@ -394,6 +443,12 @@ class SAM(_SharpnessAwareOptimizer):
         rho: radius of the perturbation (default 0.05), >= 0.
         model: the module being trained; given it, normalization layers' running statistics are
             restored after the perturbed pass. Without it the perturbed pass updates them too.
+            A ``DistributedDataParallel`` model gets its perturbed passes run inside
+            ``no_sync()`` and their combined gradient averaged with one all-reduce.
+        perturbation: with DDP, ``"global"`` (default) perturbs with the gradient averaged over
+            all processes (two gradient all-reduces per step, and the update does not depend on
+            the number of processes), ``"local"`` with each process's own gradient, as in SAM's
+            m-sharpness (one all-reduce per step). Without DDP the two are the same.
         **base_kwargs: arguments of ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     Example:
@@ -420,18 +475,21 @@ class SAM(_SharpnessAwareOptimizer):
         *,
         rho: float = 0.05,
         model: nn.Module | None = None,
+        perturbation: str = "global",
         **base_kwargs: Any,
     ) -> None:
-        super().__init__(params, base_optimizer, model=model, own_defaults={"rho": rho}, **base_kwargs)
+        super().__init__(
+            params, base_optimizer, model=model, perturbation=perturbation, own_defaults={"rho": rho}, **base_kwargs
+        )
 
-    def _num_passes(self) -> int:
-        return 2
-
-    def _combine(self, groups: list[_GroupBuffers], pass_index: int) -> None:
+    def _perturbed_passes(self, groups: list[_GroupBuffers], run: Callable[[], Tensor | float]) -> list[Tensor | float]:
+        self._move(groups, 1.0)
+        loss_plus = run()
         for g in groups:
             g.direction = g.current_grads()
             g.grad_at_w = []
             g.eps = []
+        return [loss_plus]
 
 
 class CRSAM(_SharpnessAwareOptimizer):
@@ -473,6 +531,12 @@ class CRSAM(_SharpnessAwareOptimizer):
         beta: weight of the gradient-norm term ``g+ - g-``, >= 0.
         model: the module being trained; given it, normalization layers' running statistics are
             restored after each perturbed pass. Without it the perturbed passes update them too.
+            A ``DistributedDataParallel`` model gets its perturbed passes run inside
+            ``no_sync()`` and their combined gradient averaged with one all-reduce.
+        perturbation: with DDP, ``"global"`` (default) perturbs with the gradient averaged over
+            all processes (two gradient all-reduces per step, and the update does not depend on
+            the number of processes), ``"local"`` with each process's own gradient, as in SAM's
+            m-sharpness (one all-reduce per step). Without DDP the two are the same.
         **base_kwargs: arguments of ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     With ``alpha = beta = 0`` the step equals :class:`SAM`'s (it still runs the third pass).
@@ -493,30 +557,37 @@ class CRSAM(_SharpnessAwareOptimizer):
         alpha: float = 0.1,
         beta: float = 0.01,
         model: nn.Module | None = None,
+        perturbation: str = "global",
         **base_kwargs: Any,
     ) -> None:
         super().__init__(
             params,
             base_optimizer,
             model=model,
+            perturbation=perturbation,
             own_defaults={"rho": rho, "alpha": alpha, "beta": beta},
             **base_kwargs,
         )
 
-    def _num_passes(self) -> int:
-        return 3
+    def _perturbed_passes(self, groups: list[_GroupBuffers], run: Callable[[], Tensor | float]) -> list[Tensor | float]:
+        self._move(groups, 1.0)
+        loss_plus = run()
 
-    def _combine(self, groups: list[_GroupBuffers], pass_index: int) -> None:
+        # Once the weights sit at w - eps, the buffer of eps keeps (1 + alpha + beta) g+.
+        self._move(groups, -1.0)
         for g in groups:
             alpha, beta = float(g.group["alpha"]), float(g.group["beta"])
-            grads = g.current_grads()
-            if pass_index == 1:
-                # Keep (1 + alpha + beta) g+ - 2 alpha g0 in the buffer of g0.
-                torch._foreach_mul_(g.grad_at_w, -2.0 * alpha)
-                torch._foreach_add_(g.grad_at_w, grads, alpha=1.0 + alpha + beta)
-            else:
-                # Add (alpha - beta) g- and hand the sum over as the direction.
-                torch._foreach_add_(g.grad_at_w, grads, alpha=alpha - beta)
-                g.direction = g.grad_at_w
-                g.grad_at_w = []
-                g.eps = []
+            torch._foreach_copy_(g.eps, g.current_grads())
+            torch._foreach_mul_(g.eps, 1.0 + alpha + beta)
+        loss_minus = run()
+        for g in groups:
+            alpha, beta = float(g.group["alpha"]), float(g.group["beta"])
+            torch._foreach_add_(g.eps, g.current_grads(), alpha=alpha - beta)
+            g.direction, g.eps = g.eps, []
+        return [loss_plus, loss_minus]
+
+    def _add_gradient_at_w(self, groups: list[_GroupBuffers]) -> None:
+        for g in groups:
+            alpha = float(g.group["alpha"])
+            torch._foreach_add_(g.direction, g.grad_at_w, alpha=-2.0 * alpha)
+            g.grad_at_w = []
