@@ -1,0 +1,177 @@
+"""Time the Monte-Carlo step of ``crsam bound`` on MNIST-1D, as ratios within one run.
+
+Usage::
+
+    python benchmarks/bench_certificate.py            # about 2 to 4 minutes on 2 CPU cores
+    python benchmarks/bench_certificate.py --quick    # fewer samples, under a minute
+
+For the MNIST-1D MLP and 1-D CNN of ``crsam.models`` on the 4000 MNIST-1D training examples, it
+prints:
+
+1. Milliseconds per weight sample, on untrained weights, for each evaluation schedule: the
+   ``vmap`` and ``loop`` schedules of ``crsam.certificate.count_errors`` and a plain baseline
+   that copies each noisy weight vector into the model and evaluates it in mini-batches of 128
+   examples. Each time is divided by the baseline's, and the line ends with the projected time
+   of 10^4 samples.
+2. Seconds for a full ``certify`` call at two numbers of Monte-Carlo samples, and the cost per
+   extra sample from their difference. The network is trained for 5 epochs of Adam, and its
+   initial weights are the prior centre. The call includes the default 25-value grid, the
+   selection and certification samples and the test errors.
+
+The machine load is printed first: other processes on the same cores inflate every time, and the
+ratios are measured back to back to limit that effect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+
+import torch
+
+from crsam.certificate import ParameterLayout, WeightSampler, certify, count_errors
+from crsam.data import load_mnist1d
+from crsam.models import build_model
+
+PLAIN_BATCH_SIZE = 128
+
+
+def plain_loop(model, weights, x, y):
+    """Count errors the plain way: copy each weight vector into the model, then evaluate."""
+    counts = []
+    with torch.no_grad():
+        for row in weights:
+            torch.nn.utils.vector_to_parameters(row, model.parameters())
+            errors = 0
+            for start in range(0, x.shape[0], PLAIN_BATCH_SIZE):
+                logits = model(x[start:start + PLAIN_BATCH_SIZE])
+                errors += int((logits.argmax(dim=1) != y[start:start + PLAIN_BATCH_SIZE]).sum())
+            counts.append(errors)
+    return counts
+
+
+def time_per_sample(run, num_samples, repeats):
+    """Return the best of ``repeats`` timings of ``run()``, in milliseconds per weight sample."""
+    run()  # warm-up: first calls pay for lazy initialization
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return 1e3 * best / num_samples
+
+
+def bench_schedules(name, model, x, y, num_samples, repeats):
+    """Print the per-sample time of each schedule and its ratio to the plain loop."""
+    model.eval()
+    layout = ParameterLayout.from_model(model)
+    center = layout.flatten(dict(model.named_parameters()))
+    weights = WeightSampler(center, 0.01, seed=0).draw(num_samples)
+    original = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+
+    schedules = {
+        "plain loop, batches of 128": lambda: plain_loop(model, weights, x, y),
+        "loop, batch 1000": lambda: count_errors(model, layout, weights, x, y, batch_size=1000,
+                                                 method="loop"),
+        "loop, batch 4000": lambda: count_errors(model, layout, weights, x, y, batch_size=4000,
+                                                 method="loop"),
+    }
+    for sample_batch in (16, 32):
+        def run_vmap(sample_batch=sample_batch):
+            for start in range(0, num_samples, sample_batch):
+                count_errors(model, layout, weights[start:start + sample_batch], x, y,
+                             batch_size=1000, method="vmap")
+        schedules[f"vmap, {sample_batch} samples x batch 1000"] = run_vmap
+
+    times = {label: time_per_sample(run, num_samples, repeats) for label, run in schedules.items()}
+    torch.nn.utils.vector_to_parameters(original, model.parameters())
+
+    baseline = times["plain loop, batches of 128"]
+    print(f"\n{name}: {layout.num_parameters} parameters, {x.shape[0]} examples, "
+          f"{num_samples} weight samples, best of {repeats}")
+    print(f"  {'schedule':<34} {'ms/sample':>10} {'vs plain':>9} {'10^4 samples':>13}")
+    for label, milliseconds in times.items():
+        print(f"  {label:<34} {milliseconds:>10.2f} {milliseconds / baseline:>9.2f} "
+              f"{milliseconds * 10:>11.0f} s")
+
+
+def train_briefly(model, data, epochs):
+    """Train ``model`` with Adam for a few epochs, so that sigma selection scans several values.
+
+    An untrained network errs at chance level already at the smallest sigma, and the selection
+    scan would stop there.
+    """
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(data.x_train.shape[0], generator=generator)
+        for start in range(0, order.numel(), 128):
+            batch = order[start:start + 128]
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(data.x_train[batch]),
+                                                     data.y_train[batch])
+            loss.backward()
+            optimizer.step()
+    model.eval()
+
+
+def bench_certify(name, model, data, sample_counts, selection_samples):
+    """Print the time of full certificates of ``model`` at several Monte-Carlo sample counts.
+
+    The prior centre is the model's weights on entry; the model is then trained briefly.
+    """
+    prior_state = {key: value.clone() for key, value in model.state_dict().items()}
+    train_briefly(model, data, epochs=5)
+    seconds = []
+    for mc_samples in sample_counts:
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an edge-of-grid warning is no concern here
+            report = certify(model, prior_state, data.x_train, data.y_train, data.x_test,
+                             data.y_test, mc_samples=mc_samples,
+                             selection_samples=selection_samples)
+        seconds.append(time.perf_counter() - start)
+        evaluated = sum(c["evaluated"] for c in report["selection"]["candidates"])
+        print(f"  {name} certify, {mc_samples:>5} samples (+ {evaluated} x {selection_samples} "
+              f"selection, method {report['provenance']['method']}): {seconds[-1]:.1f} s; "
+              f"sigma {report['sigma']:.3g}, kl bound {report['bounds'][0]['value']:.3f}, "
+              f"stochastic test error "
+              f"{report['posterior']['errors']['stochastic']['test']['mean']:.3f}")
+    per_sample = (seconds[-1] - seconds[0]) / (sample_counts[-1] - sample_counts[0])
+    projected = seconds[0] + per_sample * (10_000 - sample_counts[0])
+    print(f"  {name} certify: {1e3 * per_sample:.2f} ms per extra sample (train and test), "
+          f"10^4 samples projected at {projected:.0f} s")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples and repeats")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    num_samples, repeats = (16, 1) if args.quick else (64, 3)
+    sample_counts = (100, 300) if args.quick else (500, 2000)
+    selection_samples = 8 if args.quick else 32
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    data = load_mnist1d()
+    torch.manual_seed(0)
+    models = {"mlp": build_model("mlp"), "cnn1d": build_model("cnn1d")}
+
+    for name, model in models.items():
+        bench_schedules(name, model, data.x_train, data.y_train, num_samples, repeats)
+    print()
+    for name, model in models.items():
+        bench_certify(name, model, data, sample_counts, selection_samples)
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
