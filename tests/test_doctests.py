@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ["crsam.optim"]
+MODULES = ["crsam.optim", "crsam.curvature.trace", "crsam.certificate.gaussian", "crsam.certificate.montecarlo"]
 
 
 @pytest.mark.parametrize("module_name", MODULES)
