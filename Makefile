@@ -42,7 +42,17 @@ demo: $(BIN)/.crsam-installed
 	$(BIN)/crsam bound $(DEMO_DIR)/checkpoint.pt --mc-samples $(DEMO_MC_SAMPLES)
 	$(BIN)/crsam curvature $(DEMO_DIR)/checkpoint.pt
 
-test: $(BIN)/.crsam-test-installed
+# curvlinops, the independent Hessian for one cross-check test, installed without its
+# dependencies: backpack-for-pytorch asks for torchvision, which does not import beside the CPU
+# torch and could make pip replace torch. The code paths the test uses need no torchvision.
+CROSSCHECK_PACKAGES := curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 einops==0.8.2 \
+	einconv==0.1.0 linear_operator==0.6.1 opt-einsum==3.4.0 unfoldNd==0.2.3 jaxtyping==0.3.11
+
+$(BIN)/.crosscheck-installed: $(BIN)/.crsam-test-installed
+	$(PIP) install --no-deps $(CROSSCHECK_PACKAGES)
+	touch $@
+
+test: $(BIN)/.crsam-test-installed $(BIN)/.crosscheck-installed
 	$(BIN)/python -m pytest
 
 clean:
