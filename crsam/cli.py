@@ -154,8 +154,8 @@ def _add_curvature_parser(commands: argparse._SubParsersAction) -> None:
     )
     curvature.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint.pt written by 'crsam train'")
     curvature.add_argument("--split", choices=("train", "test"), default="train", help="data set to measure on [train]")
-    curvature.add_argument("--method", default="hutchinson", metavar="NAME",
-                           help="trace estimator: hutchinson, hutch++, xtrace, finite-difference or exact [hutchinson]")
+    curvature.add_argument("--method", default="hutch++", metavar="NAME",
+                           help="trace estimator: hutchinson, hutch++, xtrace, finite-difference or exact [hutch++]")
     curvature.add_argument("--probes", type=_int, metavar="N", help="random probe vectors of the trace estimator [the estimator's default]")
     curvature.add_argument("--batch-size", type=_int, metavar="N", help="examples per forward pass of a Hessian-vector product [the estimator's default]")
     curvature.add_argument("--seed", type=_int, default=0, help="seed of the probe vectors [0]")

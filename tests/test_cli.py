@@ -153,7 +153,7 @@ def test_curvature_json(run_dir, capsys):
     report = strict_json(out)
     assert status == 0
     assert report["split"] == "test"
-    assert report["method"] == "hutchinson"
+    assert report["method"] == "hutch++"
     assert set(report) >= {"trace", "grad_norm", "normalized_trace", "top_eigenvalue", "loss", "mode"}
     assert set(report["trace"]) >= {"estimate", "stderr", "probes"}
 

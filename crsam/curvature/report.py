@@ -96,7 +96,7 @@ def curvature_report(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     *,
-    method: str = "hutchinson",
+    method: str = "hutch++",
     probes: int | None = None,
     batch_size: int | None = 512,
     seed: int = 0,
@@ -121,6 +121,8 @@ def curvature_report(
             sketch of the top of the spectrum first and then applies the same stopping rule
             to the rest, which needs fewer products when a few eigenvalues dominate.
             ``"xtrace"`` spends a fixed budget of ``probes`` products (default 100).
+            Hutch++ is the default because it reached 1% relative standard error on the
+            MNIST-1D CNN in about a tenth of Hutchinson's products (benchmarks/bench_trace.py).
             ``"exact"`` spends one product per parameter.
         probes: a fixed probe count for Hutchinson and finite differences (no stopping rule),
             or the product budget of Hutch++ and XTrace.
