@@ -15,23 +15,43 @@ of the stochastic predictor that draws fresh weights :math:`w + \sigma e`,
 :math:`w`.
 
 Confidence accounting, with total failure probability
-:math:`\delta = \delta_{PB} + \delta_{MC}`:
+:math:`\delta = \delta_{MC} + \delta_{PB}` and :math:`\delta_{PB}` split evenly among the bound
+families requested with ``families`` (:math:`F` of them, so each gets
+:math:`\delta_f = \delta_{PB} / F`):
 
-1. **Grid.** :math:`\sigma` is one of :math:`K` values fixed before seeing the data
-   (``DEFAULT_SIGMA_GRID``). The PAC-Bayes-kl theorem (Maurer 2004) is applied once per grid value
-   with failure probability :math:`\delta_{PB}/K`: for each :math:`k`, with probability at least
-   :math:`1 - \delta_{PB}/K`,
+1. **kl family over the sigma grid.** :math:`\sigma` is one of :math:`K` values fixed before
+   seeing the data (``DEFAULT_SIGMA_GRID``). The PAC-Bayes-kl theorem (Maurer 2004) is applied once
+   per grid value with failure probability :math:`\delta_{kl}/K`: for each :math:`k`, with
+   probability at least :math:`1 - \delta_{kl}/K`,
 
    .. math::
 
        \mathrm{kl}\big(L_S(Q_k) \,\|\, L_D(Q_k)\big) \le
-       \frac{\mathrm{KL}(Q_k\|P_k) + \ln(2\sqrt{n} K / \delta_{PB})}{n}.
+       \frac{\mathrm{KL}(Q_k\|P_k) + \ln(2\sqrt{n} K / \delta_{kl})}{n}.
 
    By the union bound all :math:`K` inequalities hold together with probability at least
-   :math:`1 - \delta_{PB}`, so a :math:`\sigma` chosen after looking at the data is covered. The
+   :math:`1 - \delta_{kl}`, so a :math:`\sigma` chosen after looking at the data is covered. The
    grid costs :math:`\ln K` nats. The McAllester and quadratic bounds relax the kl inverse
    (Pinsker's inequality and :math:`\mathrm{kl}(q\|p) \ge (p - q)^2 / (2p)` for
-   :math:`p \ge q`), so they follow from the same event, and all rows share this confidence.
+   :math:`p \ge q`), so they follow from the same event, and the rows ``kl``, ``mcallester`` and
+   ``quad`` share this confidence.
+
+   ``catoni`` (optional): Catoni's bound is a separate event for each constant :math:`C`, so
+   each pair of a grid value :math:`\sigma_k` and a constant from ``catoni_grid`` (:math:`G`
+   values fixed in advance) gets :math:`\delta_{C}/(K G)`, and the row is the minimum over
+   :math:`C` (:func:`crsam.theory.catoni_grid_bound` with :math:`\delta_C / K`).
+
+   ``dziugaite-roy`` (optional): the prior :math:`\mathcal N(w_0, \lambda_j I)` takes its
+   variance from the countable grid :math:`\lambda_j = c e^{-j/b}` of Dziugaite and Roy (2017),
+   with :math:`6\delta_{DR}/(\pi^2 j^2)` for grid point :math:`j`
+   (:func:`crsam.theory.dziugaite_roy_bound`). The posterior is the same
+   :math:`\mathcal N(w, \sigma^2 I)`. The KL is smallest at :math:`\lambda^* = \sigma^2 +
+   \|w - w_0\|^2 / k` for :math:`k` parameters, and both grid neighbours of :math:`\lambda^*`
+   are evaluated (both are paid for), the smaller bound kept.
+
+   A family's rows hold together with probability at least :math:`1 - \delta_{MC} - \delta_f`
+   (their ``delta``). The minimum over all rows, reported as ``best_bound``, needs every family's
+   event and holds at the total :math:`\delta`.
 2. **Selection.** :math:`\sigma` minimizes the kl bound computed from ``selection_samples``
    weight samples per grid value. These samples only choose :math:`\sigma` and are never used in
    the certificate.
@@ -50,6 +70,8 @@ prior's buffers, they were computed from training data, and the bounds are repor
 
 References
 ----------
+- Catoni, O. (2007). PAC-Bayesian supervised classification: the thermodynamics of statistical
+  learning. IMS Lecture Notes Monograph Series 56.
 - Dziugaite, G. K., & Roy, D. M. (2017). Computing nonvacuous generalization bounds for deep
   (stochastic) neural networks with many more parameters than training data. UAI.
 - Langford, J., & Caruana, R. (2001). (Not) bounding the true error. NeurIPS 14.
@@ -71,7 +93,17 @@ from torch import nn
 
 import crsam
 from crsam.data import hash_tensors
-from crsam.theory import kl_bound, mcallester_bound, quad_bound, sample_bound
+from crsam.theory import (
+    catoni_bound,
+    catoni_grid_bound,
+    dziugaite_roy_bound,
+    gaussian_kl,
+    kl_bound,
+    mcallester_bound,
+    quad_bound,
+    round_prior_variance,
+    sample_bound,
+)
 
 from .montecarlo import (
     ParameterLayout,
@@ -93,6 +125,24 @@ DEFAULT_MONTE_CARLO_FRACTION = 0.5
 
 # Bounds of the kl family, all implied by one PAC-Bayes-kl event, so their minimum costs nothing.
 BOUND_NAMES = ("kl", "mcallester", "quad")
+
+# Families of bounds, each with its own event and its own share of delta. "kl" gives the rows of
+# BOUND_NAMES, the other two give one row each, named after the family.
+BOUND_FAMILIES = ("kl", "catoni", "dziugaite-roy")
+# NOTE: certify reports the kl family alone unless asked for more, so that its rows and deltas
+# stay those of earlier versions. Pass families=BOUND_FAMILIES for all three.
+DEFAULT_FAMILIES = ("kl",)
+
+# Catoni's constants: 33 values from 0.01 to 100, eight per decade (ratio 1.33), fixed before any
+# data is seen. The minimizing C is ln(p (1 - q) / (q (1 - p))) for empirical risk q and bound p,
+# about 0.1 to 5 for errors between 0.01 and 0.5, well inside the grid. The grid costs ln 33 = 3.5
+# nats.
+DEFAULT_CATONI_GRID: tuple[float, ...] = tuple(float(c) for c in np.geomspace(1e-2, 1e2, 33))
+
+# Dziugaite and Roy's prior-variance grid c * exp(-j / b): b = 100 points per factor e, and every
+# variance below c = 0.1, as in their paper.
+DEFAULT_PRIOR_VARIANCE_B = 100.0
+DEFAULT_PRIOR_VARIANCE_C = 0.1
 
 
 def noise_seeds(seed: int) -> tuple[int, int]:
@@ -129,6 +179,10 @@ def certify(
     method: str = "auto",
     prior_info: Mapping[str, object] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    families: Sequence[str] = DEFAULT_FAMILIES,
+    catoni_grid: Sequence[float] | None = None,
+    prior_variance_b: float = DEFAULT_PRIOR_VARIANCE_B,
+    prior_variance_c: float = DEFAULT_PRIOR_VARIANCE_C,
 ) -> dict:
     r"""Certify the expected 0-1 error of the Gaussian posterior :math:`\mathcal N(w, \sigma^2 I)`.
 
@@ -176,6 +230,16 @@ def certify(
     progress : callable, optional
         Called as ``progress(stage, done, total)`` with stage ``"selection"`` or
         ``"certification"`` after each chunk of weight samples.
+    families : sequence of str
+        Bound families to report, from ``BOUND_FAMILIES``: ``"kl"`` (rows ``kl``,
+        ``mcallester``, ``quad``), ``"catoni"`` and ``"dziugaite-roy"``. Each gets an equal share
+        of the PAC-Bayes part of ``delta``.
+    catoni_grid : sequence of float, optional
+        Catoni's constants :math:`C`, positive and distinct, fixed before seeing the data.
+        Defaults to ``DEFAULT_CATONI_GRID``.
+    prior_variance_b, prior_variance_c : float
+        Density and scale of the prior-variance grid :math:`c e^{-j/b}` of the
+        ``dziugaite-roy`` row.
 
     Returns
     -------
@@ -183,9 +247,9 @@ def certify(
         JSON-serializable report (no NaN or infinity). See ``crsam bound --json`` for the keys:
         ``train_error``, ``test_error``, ``n_train``, ``delta`` and ``bounds`` (one object per
         bound with ``name``, ``value``, ``delta``, ``n``, ``rigorous`` and the components
-        ``empirical``, ``kl``, ``complexity``), plus ``confidence``, ``sigma``, ``selection``,
-        ``monte_carlo``, ``posterior``, ``prior``, ``per_layer``, ``warnings`` and
-        ``provenance``.
+        ``empirical``, ``kl``, ``complexity``), plus ``confidence`` (with ``steps``, one entry per
+        share of ``delta``), ``sigma``, ``selection``, ``monte_carlo``, ``posterior``, ``prior``,
+        ``per_layer``, ``warnings`` and ``provenance``.
 
     Raises
     ------
@@ -215,6 +279,9 @@ def certify(
     # Check the arguments before any forward pass.
     grid = _check_options(delta, mc_samples, selection_samples, sigma_grid, monte_carlo_fraction,
                           seed, batch_size, sample_batch_size, method)
+    families = check_families(families)
+    catoni_constants = check_catoni_grid(catoni_grid)
+    check_prior_variance_grid(prior_variance_b, prior_variance_c)
     layout = _check_model_and_data(model, prior_state, x_train, y_train, x_test, y_test)
     prior_section = _prior_section(prior_info)
 
@@ -226,9 +293,10 @@ def certify(
         for name in layout.names
     })
 
-    delta_monte_carlo = delta * monte_carlo_fraction
-    delta_pac_bayes = delta - delta_monte_carlo
-    delta_per_sigma = delta_pac_bayes / len(grid)
+    budget = confidence_budget(delta, monte_carlo_fraction, families, len(grid),
+                               len(catoni_constants))
+    delta_monte_carlo = budget["monte_carlo"]
+    delta_per_sigma = budget["pac_bayes_per_sigma"]
     datasets = {"train": (x_train, y_train)}
     if x_test is not None:
         datasets["test"] = (x_test, y_test)
@@ -284,17 +352,30 @@ def certify(
     train_estimate = estimates["train"]
     empirical_upper = float(sample_bound(train_estimate.mean, mc_samples, delta_monte_carlo))
 
-    # The PAC-Bayes rows, all on the grid's union-bound event.
+    # The PAC-Bayes rows, each family on its own union-bound event.
     kl_nats = squared_distance / (2.0 * sigma**2)
     caveats = _rigor_caveats(model, prior_state)
-    bounds = _bound_rows(empirical_upper, kl_nats, n, delta_per_sigma, delta, chance_error,
-                         rigorous=not caveats)
+    num_parameters = layout.num_parameters
+
+    def kl_at_prior_variance(variance):
+        # KL(N(w, sigma^2 I) || N(w0, variance I)) in float64 from the flat weight vectors.
+        return gaussian_kl(center.double().cpu().numpy(), sigma,
+                           prior_center.double().cpu().numpy(), math.sqrt(variance))
+
+    bounds, family_warnings = family_rows(
+        budget, empirical_upper, n, chance_error, rigorous=not caveats, kl_nats=kl_nats,
+        catoni_grid=catoni_constants,
+        dziugaite_roy=dict(kl_at_variance=kl_at_prior_variance,
+                           optimal_variance=sigma**2 + squared_distance / num_parameters,
+                           b=float(prior_variance_b), c=float(prior_variance_c)),
+    )
 
     # Warnings a reader of the report must see.
     report_warnings = list(caveats)
     edge_warning = _grid_edge_warning(grid, sigma)
     if edge_warning is not None:
         report_warnings.append(edge_warning)
+    report_warnings += family_warnings
     for message in report_warnings:
         warnings.warn(message, stacklevel=2)
 
@@ -308,14 +389,8 @@ def certify(
         "delta": delta,
         "bounds": bounds,
         "best_bound": _best_bound(bounds),
-        "confidence": {
-            "delta": delta,
-            "pac_bayes": delta_pac_bayes,
-            "monte_carlo": delta_monte_carlo,
-            "grid_size": len(grid),
-            "pac_bayes_per_sigma": delta_per_sigma,
-            "monte_carlo_fraction": monte_carlo_fraction,
-        },
+        "procedure": "sigma-grid",
+        "confidence": budget,
         "sigma": sigma,
         "sigma_grid": list(grid),
         "sigma_grid_cost_nats": math.log(len(grid)),
@@ -637,8 +712,196 @@ def _grid_edge_warning(grid, sigma) -> str | None:
     )
 
 
+def check_families(families) -> tuple[str, ...]:
+    """Validate ``families`` (names from ``BOUND_FAMILIES``, no repeats) and return them as a tuple."""
+    if isinstance(families, str):
+        raise ValueError(
+            f"families must be a sequence of family names, got the string {families!r}; pass "
+            f"for example ({families!r},)"
+        )
+    if not isinstance(families, Sequence) or len(families) == 0:
+        raise ValueError(
+            f"families must be a non-empty sequence of names from {BOUND_FAMILIES}, got "
+            f"{families!r}"
+        )
+    for name in families:
+        if name not in BOUND_FAMILIES:
+            raise ValueError(
+                f"families contains the unknown family {name!r}; choose from {BOUND_FAMILIES}"
+            )
+    if len(set(families)) != len(families):
+        raise ValueError(
+            f"families contains repeated names: {list(families)}; each repeat would take a share "
+            "of delta for nothing, so name each family once"
+        )
+    return tuple(families)
+
+
+def check_catoni_grid(catoni_grid) -> tuple[float, ...]:
+    """Validate Catoni's constants (finite, positive, distinct) and return them sorted."""
+    grid = DEFAULT_CATONI_GRID if catoni_grid is None else catoni_grid
+    if isinstance(grid, np.ndarray) and grid.ndim == 1:
+        grid = grid.tolist()
+    if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or len(grid) == 0:
+        raise ValueError(
+            f"catoni_grid must be a non-empty sequence of positive numbers, got {catoni_grid!r}; "
+            "pass for example [0.5, 1.0, 2.0] or None for the default grid"
+        )
+    for value in grid:
+        if not _is_real(value) or not math.isfinite(value) or value <= 0.0:
+            raise ValueError(
+                f"catoni_grid must contain finite positive numbers, got {value!r} in it; "
+                "remove it or pass None for the default grid"
+            )
+    ordered = tuple(sorted(float(value) for value in grid))
+    if len(set(ordered)) != len(ordered):
+        raise ValueError(
+            f"catoni_grid contains repeated values: {list(grid)}; each repeat costs confidence "
+            "for nothing, so pass distinct values"
+        )
+    return ordered
+
+
+def check_prior_variance_grid(b, c) -> None:
+    """Validate the density ``b`` and scale ``c`` of the prior-variance grid ``c * exp(-j / b)``."""
+    for name, value in (("prior_variance_b", b), ("prior_variance_c", c)):
+        if not _is_real(value) or not math.isfinite(value) or value <= 0.0:
+            raise ValueError(
+                f"{name} must be a finite number > 0, got {value!r}; Dziugaite and Roy use "
+                f"b = {DEFAULT_PRIOR_VARIANCE_B:g} and c = {DEFAULT_PRIOR_VARIANCE_C:g}"
+            )
+
+
+def confidence_budget(delta, monte_carlo_fraction, families, grid_size, catoni_grid_size, *,
+                      grid_name="sigma grid") -> dict:
+    r"""Split the total failure probability ``delta`` into the shares the certificate spends.
+
+    :math:`\delta_{MC} = f \delta` goes to the Monte-Carlo bound, and the rest is split evenly
+    among the ``families``. The kl family spends its share over the ``grid_size`` values of the
+    grid, Catoni's family over the pairs of grid value and constant, and the Dziugaite-Roy
+    family over its countable prior-variance grid. Returns the report's ``confidence`` section,
+    whose ``steps`` list each share: their deltas add up to ``delta`` (up to float64 rounding of
+    the divisions, a few ulps).
+    """
+    delta_monte_carlo = delta * monte_carlo_fraction
+    delta_pac_bayes = delta - delta_monte_carlo
+    share = delta_pac_bayes / len(families)
+    shares = {name: (delta_pac_bayes if len(families) == 1 else share) for name in families}
+
+    # One step per share, with the number of events it is split over.
+    steps = [{
+        "name": "monte-carlo",
+        "delta": delta_monte_carlo,
+        "events": 1,
+        "delta_per_event": delta_monte_carlo,
+        "description": "Langford-Caruana bound on the posterior's empirical error from the "
+                       "certification samples",
+    }]
+    if "kl" in shares:
+        steps.append({
+            "name": "kl",
+            "delta": shares["kl"],
+            "events": grid_size,
+            "delta_per_event": shares["kl"] / grid_size,
+            "description": f"PAC-Bayes-kl event for each of the {grid_size} {grid_name} values "
+                           "(rows kl, mcallester, quad)",
+        })
+    if "catoni" in shares:
+        events = grid_size * catoni_grid_size
+        steps.append({
+            "name": "catoni",
+            "delta": shares["catoni"],
+            "events": events,
+            "delta_per_event": shares["catoni"] / events,
+            "description": f"Catoni event for each of the {grid_size} {grid_name} values times "
+                           f"{catoni_grid_size} constants C",
+        })
+    if "dziugaite-roy" in shares:
+        steps.append({
+            "name": "dziugaite-roy",
+            "delta": shares["dziugaite-roy"],
+            "events": None,
+            "delta_per_event": None,
+            "description": "PAC-Bayes-kl event for each prior variance c exp(-j / b), "
+                           "j = 1, 2, ..., with 6 delta / (pi^2 j^2) for point j",
+        })
+    return {
+        "delta": delta,
+        "pac_bayes": delta_pac_bayes,
+        "monte_carlo": delta_monte_carlo,
+        "monte_carlo_fraction": monte_carlo_fraction,
+        "grid_size": grid_size,
+        "pac_bayes_per_sigma": shares["kl"] / grid_size if "kl" in shares else None,
+        "families": shares,
+        "steps": steps,
+    }
+
+
+def family_rows(budget, empirical, n, chance_error, *, rigorous, kl_nats, catoni_grid,
+                dziugaite_roy) -> tuple[list[dict], list[str]]:
+    """Build the rows of every family in ``budget`` and return them with their warnings.
+
+    ``kl_nats`` is the KL to the prior of the grid (kl and Catoni rows). ``dziugaite_roy`` contains
+    ``kl_at_variance`` (the KL as a function of the prior variance), ``optimal_variance`` (the
+    variance that minimizes it) and the grid's ``b`` and ``c``. Every row's ``delta`` is the
+    total, at which the minimum over all rows holds; ``delta_family`` is the smaller level at
+    which the family's rows hold on their own.
+    """
+    delta_total = budget["delta"]
+    steps = {step["name"]: step for step in budget["steps"]}
+    rows: list[dict] = []
+    row_warnings: list[str] = []
+    if "kl" in steps:
+        rows += _bound_rows(empirical, kl_nats, n, steps["kl"]["delta_per_event"], delta_total,
+                            chance_error, rigorous=rigorous,
+                            delta_family=budget["monte_carlo"] + steps["kl"]["delta"])
+    if "catoni" in steps:
+        per_sigma = steps["catoni"]["delta"] / budget["grid_size"]
+        rows.append(_catoni_row(empirical, kl_nats, n, per_sigma, catoni_grid, delta_total,
+                                chance_error, rigorous=rigorous,
+                                delta_family=budget["monte_carlo"] + steps["catoni"]["delta"]))
+    if "dziugaite-roy" in steps:
+        row = _dziugaite_roy_row(empirical, n, steps["dziugaite-roy"]["delta"], delta_total,
+                                 chance_error, rigorous=rigorous,
+                                 delta_family=budget["monte_carlo"]
+                                 + steps["dziugaite-roy"]["delta"],
+                                 **dziugaite_roy)
+        rows.append(row)
+        if row["at_edge"]:
+            row_warnings.append(
+                f"the prior variance {row['requested_variance']:.4g} that minimizes the KL lies "
+                f"above the first point of the Dziugaite-Roy grid ({row['prior_variance']:.4g}), "
+                "so the dziugaite-roy row uses that point; pass a larger prior_variance_c"
+            )
+    return rows, row_warnings
+
+
+def _row(name, raw, *, empirical, kl_nats, complexity, formula, n, delta_total, delta_pac_bayes,
+         delta_family, chance_error, rigorous) -> dict:
+    """Assemble one bound row: the value clipped to [0, 1] and the components that reproduce it."""
+    value = min(max(raw, 0.0), 1.0)
+    return {
+        "name": name,
+        "value": value,
+        "raw_value": raw,
+        "delta": delta_total,
+        "delta_family": delta_family,
+        "delta_pac_bayes": delta_pac_bayes,
+        "n": n,
+        "rigorous": rigorous,
+        "empirical": empirical,
+        "kl": kl_nats,
+        "complexity": complexity,
+        "formula": formula,
+        # A 0-1 error is at most 1, so a value of 1 says nothing. A value at or above the
+        # error of uniform guessing (beats_chance false) says nothing useful either.
+        "vacuous": raw >= 1.0,
+        "beats_chance": value < chance_error,
+    }
+
+
 def _bound_rows(empirical, kl_nats, n, delta_per_sigma, delta_total, chance_error, *,
-                rigorous) -> list[dict]:
+                rigorous, delta_family=None) -> list[dict]:
     """Build the kl, McAllester and quadratic rows, each with the components of its value.
 
     With the budget ``B = (KL + ln(2 sqrt(n) / delta_pac_bayes)) / n``, the ``complexity``
@@ -658,29 +921,67 @@ def _bound_rows(empirical, kl_nats, n, delta_per_sigma, delta_total, chance_erro
         "mcallester": "empirical + complexity",
         "quad": "(sqrt(empirical + complexity / 2) + sqrt(complexity / 2))^2",
     }
+    return [
+        _row(name, raw_values[name], empirical=empirical, kl_nats=kl_nats,
+             complexity=complexities[name], formula=formulas[name], n=n,
+             delta_total=delta_total, delta_pac_bayes=delta_per_sigma,
+             delta_family=delta_total if delta_family is None else delta_family,
+             chance_error=chance_error, rigorous=rigorous)
+        for name in BOUND_NAMES
+    ]
 
-    rows = []
-    for name in BOUND_NAMES:
-        raw = raw_values[name]
-        value = min(max(raw, 0.0), 1.0)
-        rows.append({
-            "name": name,
-            "value": value,
-            "raw_value": raw,
-            "delta": delta_total,
-            "delta_pac_bayes": delta_per_sigma,
-            "n": n,
-            "rigorous": rigorous,
-            "empirical": empirical,
-            "kl": kl_nats,
-            "complexity": complexities[name],
-            "formula": formulas[name],
-            # A 0-1 error is at most 1, so a value of 1 says nothing. A value at or above the
-            # error of uniform guessing (beats_chance false) says nothing useful either.
-            "vacuous": raw >= 1.0,
-            "beats_chance": value < chance_error,
-        })
-    return rows
+
+def _catoni_row(empirical, kl_nats, n, delta_per_sigma, catoni_grid, delta_total, chance_error,
+                *, rigorous, delta_family) -> dict:
+    r"""Build the Catoni row: the minimum over ``catoni_grid`` with :math:`\delta/G` per constant.
+
+    The value is :func:`crsam.theory.catoni_grid_bound` at ``delta_per_sigma``. The row also
+    names the minimizing constant ``C`` and the complexity
+    :math:`(\mathrm{KL} + \ln(G/\delta))/n`, so that
+    ``(1 - exp(-C empirical - complexity)) / (1 - exp(-C))`` reproduces the value.
+    """
+    raw = float(catoni_grid_bound(empirical, kl_nats, n, delta_per_sigma, list(catoni_grid)))
+    per_constant = catoni_bound(empirical, kl_nats, n, delta_per_sigma / len(catoni_grid),
+                                np.asarray(catoni_grid))
+    best_constant = float(catoni_grid[int(np.argmin(per_constant))])
+    row = _row("catoni", raw, empirical=empirical, kl_nats=kl_nats,
+               complexity=(kl_nats + math.log(len(catoni_grid) / delta_per_sigma)) / n,
+               formula="(1 - exp(-C * empirical - complexity)) / (1 - exp(-C))", n=n,
+               delta_total=delta_total, delta_pac_bayes=delta_per_sigma,
+               delta_family=delta_family, chance_error=chance_error, rigorous=rigorous)
+    row.update(C=best_constant, catoni_grid_size=len(catoni_grid))
+    return row
+
+
+def _dziugaite_roy_row(empirical, n, delta_family_pac_bayes, delta_total, chance_error, *,
+                       rigorous, delta_family, kl_at_variance, optimal_variance, b, c) -> dict:
+    r"""Build the Dziugaite-Roy row: the better of the two grid neighbours of the optimal variance.
+
+    Both neighbours :math:`\lfloor j^* \rfloor` and :math:`\lceil j^* \rceil` of
+    :math:`j^* = b \ln(c / \lambda^*)` are paid for by the grid's union bound, so keeping the
+    smaller bound costs nothing. The KL is recomputed at the grid variance. The complexity
+    :math:`(\mathrm{KL} + \ln(\pi^2 j^2 / 6) + \ln(2\sqrt n / \delta))/n` reproduces the value
+    through ``kl_inv_upper(empirical, complexity)``.
+    """
+    best = None
+    for direction in ("larger_variance", "smaller_variance"):
+        point = round_prior_variance(optimal_variance, b, c, direction)
+        kl_nats = float(kl_at_variance(point.variance))
+        raw = float(dziugaite_roy_bound(empirical, kl_nats, n, delta_family_pac_bayes, point.index))
+        if best is None or raw < best[0]:
+            best = (raw, kl_nats, point)
+    raw, kl_nats, point = best
+
+    complexity = (kl_nats + point.union_cost
+                  + math.log(2.0 * math.sqrt(n) / delta_family_pac_bayes)) / n
+    row = _row("dziugaite-roy", raw, empirical=empirical, kl_nats=kl_nats, complexity=complexity,
+               formula="kl_inv_upper(empirical, complexity)", n=n, delta_total=delta_total,
+               delta_pac_bayes=delta_family_pac_bayes, delta_family=delta_family,
+               chance_error=chance_error, rigorous=rigorous)
+    row.update(prior_variance=point.variance, requested_variance=point.requested_variance,
+               grid_index=point.index, union_cost=point.union_cost, grid_b=b, grid_c=c,
+               at_edge=point.at_edge)
+    return row
 
 
 def _best_bound(rows: list[dict]) -> dict | None:
