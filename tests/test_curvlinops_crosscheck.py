@@ -1,8 +1,7 @@
 """Cross-check of crsam's Hessian-vector products against curvlinops, an independent library.
 
-curvlinops (Dangel et al., "curvlinops: linear operators for curvature matrices in PyTorch")
-builds the Hessian of the empirical risk from its own functional Hessian-vector product; crsam
-builds it from a batched double backward. Both are exact up to float64 round-off, so their dense
+curvlinops (the curvlinops-for-pytorch package, version 3.0.1) builds the Hessian of the empirical
+risk from its own functional Hessian-vector product. crsam builds it from a batched double backward. Both are exact up to float64 round-off, so their dense
 Hessians must agree to that level on a small convolutional network.
 """
 

@@ -1,8 +1,8 @@
 """SAM and CR-SAM under DistributedDataParallel with the gloo backend on the CPU.
 
 Two processes each take half of every global batch. With the global perturbation the update is
-linear in the averaged gradients, so it must match one process on the whole batch; the test also
-counts the bytes that go through all-reduce, in units of the model's gradient size.
+linear in the averaged gradients, so it must match one process on the whole batch. The tests also
+count the elements that go through all-reduce, in units of the model's gradient size.
 """
 
 from __future__ import annotations
@@ -110,9 +110,9 @@ def test_global_perturbation_matches_one_process(name, expected_all_reduces, tmp
     train(model, optimizer, make_batches(), rank=0, world_size=1)
 
     # float32: the two runs sum the same numbers in a different order (two half-batch means
-    # averaged, against one full-batch mean), so they differ by a few ulps per step; after four
-    # steps of lr 0.1 on O(1) weights, 1e-5 absolute is far above that and far below any
-    # wrong coefficient.
+    # averaged, against one full-batch mean), so they differ by a few ulps per step. After four
+    # steps of lr 0.1 on O(1) weights, 1e-5 absolute is far above that and far below the change
+    # a wrong coefficient makes.
     for key, value in model.state_dict().items():
         torch.testing.assert_close(result["state"][key], value, rtol=1e-5, atol=1e-5)
     assert result["gradient_all_reduces"] == expected_all_reduces
