@@ -98,6 +98,7 @@ def save_checkpoint(payload: dict, path: str | os.PathLike) -> None:
     folder = path.parent
     descriptor, temp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        _set_file_mode(descriptor, path)
         with os.fdopen(descriptor, "wb") as handle:
             torch.save(payload, handle)
             handle.flush()
@@ -118,6 +119,7 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> None:
     path = Path(path)
     descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        _set_file_mode(descriptor, path)
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -130,6 +132,25 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> None:
             pass
         raise
     _fsync_folder(path.parent)
+
+
+def _set_file_mode(descriptor: int, path: Path) -> None:
+    """Give the temporary file that will replace ``path`` the permission bits ``path`` should have.
+
+    mkstemp creates files readable by their owner only. An existing file keeps its mode, and a
+    new one gets the mode that ``open`` would give it under the process's umask. Windows has no
+    ``os.fchmod`` before Python 3.13 and no such permission bits, so nothing changes there.
+    """
+    if not hasattr(os, "fchmod"):
+        return
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except OSError:
+        # os.umask can only be read by setting it, so set it back at once.
+        umask = os.umask(0o022)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    os.fchmod(descriptor, mode)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -151,9 +172,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a crsam checkpoint with ``weights_only=True`` and check its format.
 
     Raises UsageError, with a one-line message naming ``path`` and the fix, when the file is
-    missing, is a folder, is truncated or corrupt, contains objects other than plain data (a
-    weights-only load rejects pickled classes and functions, so no code from the file runs), or is
-    not a crsam checkpoint of a known format version.
+    missing, is a folder, cannot be read, is truncated or corrupt (a zip member fails its CRC-32
+    check), contains objects other than plain data (a weights-only load rejects pickled classes and
+    functions, so no code from the file runs), is not a crsam checkpoint of a known format version,
+    or has entries of the wrong type or NaN weights.
     """
     path = Path(path)
     if not path.exists():
@@ -166,6 +188,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
     if path.stat().st_size == 0:
         raise UsageError(f"checkpoint {str(path)!r} is empty; train again or restore an intact copy")
+    _check_zip_checksums(path)
 
     try:
         with warnings.catch_warnings():
@@ -176,7 +199,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         # The weights-only unpickler raises this both for rejected globals (classes, functions)
         # and for bytes that are no pickle at all. Its detail line distinguishes the two cases.
         detail = _weights_only_detail(error)
-        if detail.startswith("Unsupported global"):
+        if _is_rejected_object(detail):
             raise UsageError(
                 f"checkpoint {str(path)!r} was rejected: it contains objects other than tensors and plain "
                 f"data ({detail}); load only checkpoints written by 'crsam train'"
@@ -185,8 +208,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             f"checkpoint {str(path)!r} is truncated or corrupt ({detail}); train again or restore an intact copy"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as error:
+        detail = first_line(error)
+        if "TORCH_FORCE_" in detail:
+            # torch.load rejects contradictory settings of its environment variables before reading.
+            raise UsageError(f"torch.load failed on {str(path)!r}: {detail}; unset one of them") from None
         raise UsageError(
-            f"checkpoint {str(path)!r} is truncated or corrupt ({_first_line(error)}); "
+            f"checkpoint {str(path)!r} is truncated or corrupt ({detail}); "
             "train again or restore an intact copy"
         ) from None
 
@@ -201,32 +228,159 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             f"checkpoint {str(path)!r} lacks {', '.join(missing)}; it is incomplete, so train again"
         )
     version = payload["format_version"]
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if _is_integer(version) and version > FORMAT_VERSION:
         raise UsageError(
             f"checkpoint {str(path)!r} has format version {version!r}, newer than this crsam's "
             f"{FORMAT_VERSION}; upgrade crsam (this is {__version__})"
         )
+    problem = find_structure_problem(payload)
+    if problem is not None:
+        raise UsageError(
+            f"checkpoint {str(path)!r} is invalid: {problem}; "
+            "pass a checkpoint that 'crsam train' wrote, or train again"
+        )
     return payload
+
+
+def _check_zip_checksums(path: Path) -> None:
+    """Raise UsageError when a member of a zip-format checkpoint fails its CRC-32 check.
+
+    torch.load does not verify the checksums that torch.save writes, so without this check bytes
+    flipped inside a tensor load silently as other weights. Files in torch's older non-zip format
+    carry no checksums and are left to torch.load.
+    """
+    try:
+        with open(path, "rb") as handle:
+            starts_as_zip = handle.read(4) == b"PK\x03\x04"
+    except OSError as error:
+        raise UsageError(
+            f"checkpoint {str(path)!r} cannot be read ({error.strerror or first_line(error)}); "
+            "check the file's permissions"
+        ) from None
+    try:
+        if not zipfile.is_zipfile(path):
+            if starts_as_zip:
+                # A zip archive whose end, with its table of contents, is missing.
+                raise zipfile.BadZipFile("the zip archive has no central directory; the file was cut short")
+            return
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as error:
+        raise UsageError(
+            f"checkpoint {str(path)!r} is truncated or corrupt ({first_line(error)}); "
+            "train again or restore an intact copy"
+        ) from None
+    if damaged is not None:
+        raise UsageError(
+            f"checkpoint {str(path)!r} is corrupt (member {damaged!r} fails its CRC-32 check); "
+            "train again or restore an intact copy"
+        )
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_tensor_dict(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(key, str) and isinstance(item, torch.Tensor) for key, item in value.items()
+    )
+
+
+def _find_non_finite(state: dict[str, torch.Tensor]) -> str | None:
+    """Return the name of the first floating-point tensor in ``state`` with NaN or infinity, or None."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def find_structure_problem(payload: dict) -> str | None:
+    """Return what is wrong with the types of a checkpoint's entries, or None when they are sound.
+
+    The weights-only load guarantees plain data but not its shape. This check lets the commands
+    report an edited or foreign checkpoint in one line before any entry is used. The training
+    options in ``config`` are checked by ``crsam.train``, which knows their ranges.
+    """
+    version = payload["format_version"]
+    if not _is_integer(version) or version < 1:
+        return f"format_version is {version!r}, expected a whole number from 1 to {FORMAT_VERSION}"
+    epoch = payload["epoch"]
+    if not _is_integer(epoch) or epoch < 0:
+        return f"epoch is {epoch!r}, expected a whole number >= 0"
+    for key in ("config", "data", "optimizer", "scheduler"):
+        if not isinstance(payload[key], dict):
+            return f"{key} is a {type(payload[key]).__name__}, expected a dict"
+    if not isinstance(payload["data"].get("sha256"), str):
+        return "data has no SHA-256 hash string under 'sha256'"
+
+    # Weights: tensors by name, all finite, because training stops before it stores NaN weights.
+    if not _is_tensor_dict(payload["model"]) or not payload["model"]:
+        return "model is not a non-empty dict of tensors by parameter name"
+    prior = payload["prior"]
+    if not isinstance(prior, dict) or not _is_tensor_dict(prior.get("state")):
+        return "prior has no dict of tensors under 'state'"
+    for key in ("model", "prior"):
+        state = payload["model"] if key == "model" else prior["state"]
+        name = _find_non_finite(state)
+        if name is not None:
+            return f"{key} tensor {name!r} contains NaN or infinity"
+    split = prior.get("split")
+    if split is not None:
+        if not isinstance(split, dict):
+            return f"prior split is a {type(split).__name__}, expected None or a dict"
+        if not isinstance(split.get("fraction"), float) or not _is_integer(split.get("seed")):
+            return "prior split lacks a float 'fraction' or an integer 'seed'"
+        if not isinstance(split.get("indices_sha256"), str):
+            return "prior split lacks its 'indices_sha256' string"
+
+    metrics = payload["metrics"]
+    if not isinstance(metrics, list) or not all(isinstance(record, dict) for record in metrics):
+        return "metrics is not a list of dicts"
+    if len(metrics) != epoch:
+        return f"metrics has {len(metrics)} entries for {epoch} completed epochs"
+    rng = payload["rng"]
+    if not isinstance(rng, dict):
+        return f"rng is a {type(rng).__name__}, expected a dict"
+    for key in ("torch", "data_order"):
+        state = rng.get(key)
+        if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8:
+            return f"rng[{key!r}] is not a uint8 tensor of a random-number generator state"
+    return None
+
+
+def _is_rejected_object(detail: str) -> bool:
+    """Return whether a weights-only failure rejected a class or function rather than bad bytes.
+
+    torch 2.13 words these as ``Unsupported global: GLOBAL ...``, ``Trying to load unsupported
+    GLOBAL ... whose module ... is blocked``, ``Trying to call reduce for unrecognized function
+    ...`` or ``... allowlisted via `add_safe_globals` ...``.
+    """
+    lowered = detail.lower()
+    return any(marker in lowered for marker in ("global", "unrecognized function", "allowlisted", "unsupported class"))
 
 
 def _weights_only_detail(error: BaseException) -> str:
     """Return the reason line of a weights-only load failure, without torch's general advice.
 
-    torch 2.6 and later put the reason after ``WeightsUnpickler error:``, for example
+    torch 2.6 and later wrap the unpickler's reason in paragraphs of advice, some of which
+    suggest ``weights_only=False``. The reason is the first line that is not advice, for example
     ``Unsupported global: GLOBAL argparse.Namespace was not an allowed global by default``.
     """
     message = str(error)
     marker = "WeightsUnpickler error:"
-    if marker not in message:
-        return _first_line(error)
-    for line in message.split(marker, 1)[1].splitlines():
+    if marker in message:
+        message = message.split(marker, 1)[1]
+    advice = ("Weights only load failed", "Check the documentation of torch.load", "Please file an issue",
+              "(1)", "(2)", "Re-running `torch.load`")
+    for line in message.splitlines():
         line = line.strip()
-        if line:
+        if line and not line.startswith(advice):
             return line.split(". Please use", 1)[0].rstrip(".")
-    return _first_line(error)
+    return type(error).__name__
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     """Return the first non-empty line of an exception message, so errors stay on one line."""
     for line in str(error).splitlines():
         if line.strip():

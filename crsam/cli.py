@@ -250,6 +250,12 @@ def _check_positive(flag: str, value: int | None) -> None:
         raise UsageError(f"{flag} {value} must be at least 1; pass a positive whole number")
 
 
+def _check_seed(value: int) -> None:
+    # torch.Generator.manual_seed takes seeds below 2**64, but the estimators store them as int64.
+    if not 0 <= value < 2**63:
+        raise UsageError(f"--seed {value} is outside [0, 2**63); pass a whole number such as 0")
+
+
 def _import_helper(module: str, command: str):
     """Import ``module``, or raise UsageError saying that ``command`` is not available yet."""
     if importlib.util.find_spec(module) is None:
@@ -261,6 +267,7 @@ def _run_bound(args: argparse.Namespace) -> int:
     # Check the flags before the slower work of loading the checkpoint and the data.
     _check_probability("--delta", args.delta)
     _check_positive("--mc-samples", args.mc_samples)
+    _check_seed(args.seed)
     certificate = _import_helper("crsam.certificate", "'crsam bound'")
     from crsam.train import restore_run
 
@@ -279,12 +286,13 @@ def _run_bound(args: argparse.Namespace) -> int:
     with _StageProgress() as progress:
         if args.prior == "learned":
             options.pop("prior_info")
-            report = _call_helper(certificate.tight_certificate_for_run, run, progress=progress, **options)
+            report = _call_helper(certificate.tight_certificate_for_run, run, size_flags="--mc-samples",
+                                  progress=progress, **options)
         else:
             report = _call_helper(
                 certificate.certify,
                 run.model, run.prior_state, x_bound, y_bound, run.data.x_test, run.data.y_test,
-                progress=progress, families=certificate.BOUND_FAMILIES, **options,
+                size_flags="--mc-samples", progress=progress, families=certificate.BOUND_FAMILIES, **options,
             )
     report = {"checkpoint": str(run.path), **report}
     _print_report(report, certificate.format_certificate_table(report), args.json)
@@ -294,6 +302,7 @@ def _run_bound(args: argparse.Namespace) -> int:
 def _run_curvature(args: argparse.Namespace) -> int:
     _check_positive("--probes", args.probes)
     _check_positive("--batch-size", args.batch_size)
+    _check_seed(args.seed)
     curvature = _import_helper("crsam.curvature", "'crsam curvature'")
     methods = getattr(curvature, "METHODS", ())
     if methods and args.method not in methods:
@@ -310,18 +319,20 @@ def _run_curvature(args: argparse.Namespace) -> int:
         options["probes"] = args.probes
     if args.batch_size is not None:
         options["batch_size"] = args.batch_size
-    report = _call_helper(curvature.curvature_report, run.model, inputs, targets, **options)
+    report = _call_helper(curvature.curvature_report, run.model, inputs, targets,
+                          size_flags="--probes or --batch-size", **options)
     report = {"checkpoint": str(run.path), **report}
     _print_report(report, curvature.format_curvature_table(report), args.json)
     return EXIT_OK
 
 
-def _call_helper(function, *args: Any, **kwargs: Any) -> Any:
+def _call_helper(function, *args: Any, size_flags: str | None = None, **kwargs: Any) -> Any:
     """Call a certificate or curvature function and return its report.
 
-    A ValueError (an invalid argument) becomes a UsageError, so it exits with 2. Warnings are
-    printed as one ``crsam: warning:`` line each, unless the report's ``warnings`` list already
-    contains them (the table prints that list) or they are deprecation notices.
+    A ValueError (an invalid argument) becomes a UsageError, so it exits with 2, and so does a
+    failed memory allocation, with advice to lower ``size_flags``. Warnings are printed as one
+    ``crsam: warning:`` line each, unless the report's ``warnings`` list already contains them
+    (the table prints that list) or they are deprecation notices.
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -331,6 +342,12 @@ def _call_helper(function, *args: Any, **kwargs: Any) -> Any:
             raise
         except ValueError as error:
             raise UsageError(str(error)) from None
+        except (MemoryError, RuntimeError) as error:
+            # torch reports a failed CPU allocation as RuntimeError "... can't allocate memory ...".
+            if isinstance(error, RuntimeError) and "can't allocate memory" not in str(error):
+                raise
+            advice = f"pass a smaller {size_flags}" if size_flags else "free memory and run it again"
+            raise UsageError(f"out of memory ({type(error).__name__}); {advice}") from None
     reported = {str(text) for text in report.get("warnings", [])} if isinstance(report, dict) else set()
     for warning in caught:
         # Deprecation notices from libraries concern crsam's code, not the user's input.
@@ -431,8 +448,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(error).split())
         print(f"crsam: error: {message}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("crsam: interrupted; a training run continues with 'crsam train --out DIR --resume'", file=sys.stderr)
+    except KeyboardInterrupt as interruption:
+        # crsam.train passes a message when the interrupted run left nothing to resume.
+        advice = str(interruption) or "a training run continues with 'crsam train --out DIR --resume'"
+        print(f"crsam: interrupted; {advice}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except SystemExit as exit_request:
         # --help and --version exit through argparse; keep main's promise to return a status.

@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from crsam import __version__
-from crsam.checkpoint import FORMAT_NAME, FORMAT_VERSION, json_safe, load_checkpoint, save_checkpoint, write_text_atomic
-from crsam.data import AVAILABLE_DATA, DATA_CHOICES, Dataset, PriorSplit, check_data_dir, load_data, split_for_prior
+from crsam.checkpoint import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    json_safe,
+    load_checkpoint,
+    save_checkpoint,
+    write_text_atomic,
+)
+from crsam.data import (
+    AVAILABLE_DATA,
+    DATA_CHOICES,
+    MNIST1D_MAX_NUM_SAMPLES,
+    Dataset,
+    PriorSplit,
+    check_data_dir,
+    load_data,
+    split_for_prior,
+)
 from crsam.errors import UsageError
 from crsam.models import ACTIVATIONS, AVAILABLE_MODELS, MODEL_CHOICES, build_model, count_parameters
 
@@ -123,6 +139,8 @@ def resolve_options(explicit: dict[str, Any]) -> dict[str, Any]:
 
 def check_options(config: dict[str, Any]) -> None:
     """Raise UsageError for the first option in ``config`` that is invalid or not available yet."""
+    if config["optimizer"] not in OPTIMIZER_CHOICES:
+        raise UsageError(f"--optimizer {config['optimizer']!r} is unknown; choose one of {', '.join(OPTIMIZER_CHOICES)}")
     if config["data"] not in DATA_CHOICES:
         raise UsageError(f"--data {config['data']!r} is unknown; choose one of {', '.join(DATA_CHOICES)}")
     if config["data"] not in AVAILABLE_DATA:
@@ -159,6 +177,11 @@ def check_options(config: dict[str, Any]) -> None:
                 f"--num-samples applies to --data mnist1d only; drop it for --data {config['data']}"
             )
         _check_count(config, "num_samples", minimum=10, example="5000")
+        if config["num_samples"] > MNIST1D_MAX_NUM_SAMPLES:
+            raise UsageError(
+                f"--num-samples {config['num_samples']} is above the limit of {MNIST1D_MAX_NUM_SAMPLES:,}; "
+                "pass a whole number such as 5000"
+            )
     if config["seed"] >= 2**63:
         raise UsageError(f"--seed {config['seed']} is too large; pass a seed below 2**63")
 
@@ -266,9 +289,18 @@ def build_run_model(config: dict[str, Any], data: Dataset) -> nn.Module:
 
 def load_run_data(config: dict[str, Any], *, data_dir: str | os.PathLike | None = None) -> Dataset:
     """Load the data set of a run's ``config``; ``data_dir`` overrides the folder it names."""
+    stored_dir = config.get("data_dir")
+    if config["data"] == "mnist1d":
+        # MNIST-1D is generated in memory, so a stored folder that has since moved does not matter.
+        stored_dir = None
+    if data_dir is None and stored_dir is not None and not os.path.isdir(stored_dir):
+        raise UsageError(
+            f"the run's data folder {stored_dir!r} is not an existing folder; "
+            "pass --data-dir with the folder's current place"
+        )
     return load_data(
         config["data"],
-        data_dir=config.get("data_dir") if data_dir is None else data_dir,
+        data_dir=stored_dir if data_dir is None else data_dir,
         num_samples=config.get("num_samples"),
         seed=config.get("data_seed", 42),
     )
@@ -341,6 +373,20 @@ def train_one_epoch(
 
 
 @dataclass
+class NewRunFiles:
+    """A new run's folder changes, made only once its first epoch has succeeded.
+
+    Until then the folder holds nothing of the new run, so an invalid option found late, a
+    diverging first epoch or Ctrl-C leaves an earlier run (``replaced``) and the folder as they were.
+    """
+
+    config_record: dict[str, Any]
+    replaced: list[str]
+    created_folders: list[Path]
+    written: list[Path] = field(default_factory=list)
+
+
+@dataclass
 class RunState:
     """Everything that changes during a run and goes into its checkpoint."""
 
@@ -353,6 +399,8 @@ class RunState:
     prior: dict[str, Any]
     metrics: list[dict[str, Any]]
     epoch: int
+    # Set for a new run until its first checkpoint is written, then None.
+    new_run: NewRunFiles | None = None
 
     def checkpoint(self) -> dict[str, Any]:
         """Return the checkpoint payload of the current state (plain data, see crsam.checkpoint)."""
@@ -388,14 +436,24 @@ def train(
     ``out`` from its checkpoint with the options stored there, and a differing option is an error.
     ``stop_after_epoch`` ends the call after that epoch, as an interruption would, so that tests
     can resume from it.
+
+    A new run writes nothing until its first epoch has succeeded. If it fails or is interrupted
+    before that, the folders it created are removed and a run that ``overwrite`` would replace is
+    kept.
     """
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other; pass one of them")
+    if not os.fspath(out):
+        raise UsageError("--out is empty; pass a folder for the run's files, such as runs/mlp")
     out = Path(out)
+    nothing_written = f"no epoch had completed, so nothing was written to {str(out)!r}; run the same command again"
     if resume:
         state = _resume_state(options, out)
     else:
-        state = _new_state(options, out, overwrite=overwrite)
+        try:
+            state = _new_state(options, out, overwrite=overwrite)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(nothing_written) from None
 
     # One progress bar over epochs on stderr, so stdout stays clean for --json.
     from tqdm import tqdm
@@ -412,8 +470,19 @@ def train(
             record = _run_epoch(state)
             bar.update(1)
             bar.set_postfix(train_loss=f"{record['train_loss']:.3f}", test_acc=f"{record['test_acc']:.3f}")
+    except BaseException as error:
+        # Covers KeyboardInterrupt: a new run that never finished an epoch leaves nothing behind.
+        if state.new_run is None:
+            raise
+        _discard_new_run(state.new_run)
+        if isinstance(error, KeyboardInterrupt):
+            raise KeyboardInterrupt(nothing_written) from None
+        raise
     finally:
         bar.close()
+    if state.new_run is not None:
+        # stop_after_epoch=0 ends a new run before its first epoch.
+        _discard_new_run(state.new_run)
 
     return {
         "out": str(out),
@@ -463,20 +532,33 @@ def _run_epoch(state: RunState) -> dict[str, Any]:
     state.metrics.append(record)
     state.epoch = epoch
     out = Path(state.config["out"])
-    _write_metrics(state.metrics, out)
-    save_checkpoint(state.checkpoint(), out / "checkpoint.pt")
+    try:
+        if state.new_run is not None:
+            _start_run_files(state.new_run, out)
+            # Listed before they exist, so that an interruption during a write still removes them.
+            state.new_run.written += [out / "metrics.jsonl", out / "checkpoint.pt"]
+        _write_metrics(state.metrics, out)
+        save_checkpoint(state.checkpoint(), out / "checkpoint.pt")
+    except OSError as error:
+        raise UsageError(
+            f"writing the run files in {str(out)!r} failed ({error.strerror or error}); "
+            "free disk space or pass another --out"
+        ) from None
+    state.new_run = None
     return record
 
 
 def _new_state(options: dict[str, Any], out: Path, *, overwrite: bool) -> RunState:
-    """Check the options and the folder, then build a fresh run seeded from ``--seed``."""
+    """Check the options and the folder, then build a fresh run seeded from ``--seed``.
+
+    Nothing is written here; the folder is created last, after every check has passed.
+    """
     config = resolve_options({key: value for key, value in options.items() if key != "out"})
     existing = _check_folder(out, overwrite=overwrite)
     config["out"] = str(out)
 
     # Data first: it does not touch torch's random state, so the weights depend on the seed alone.
     data = load_run_data(config)
-    _prepare_folder(out, existing)
     config["data_seed"] = data.generation["seed"]
     split = split_for_prior(len(data.y_train), config["prior_split"], seed=config["seed"]) if config["prior_split"] else None
 
@@ -500,13 +582,17 @@ def _new_state(options: dict[str, Any], out: Path, *, overwrite: bool) -> RunSta
         "schedule": "cosine, stepped per epoch",
         "prior": {key: value for key, value in prior.items() if key != "state"},
     }
-    write_text_atomic(json.dumps(json_safe(config_record), indent=2, sort_keys=True) + "\n", out / "config.json")
-    _write_metrics([], out)
-    return RunState(config, data, model, optimizer, scheduler, data_order, prior, [], 0)
+    created = _create_folder(out)
+    new_run = NewRunFiles(config_record, existing, created)
+    return RunState(config, data, model, optimizer, scheduler, data_order, prior, [], 0, new_run)
 
 
 def _resume_state(options: dict[str, Any], out: Path) -> RunState:
-    """Rebuild a run from ``out/checkpoint.pt``; options passed now must match the stored ones."""
+    """Rebuild a run from ``out/checkpoint.pt``; options passed now must match the stored ones.
+
+    Nothing is written here. The first resumed epoch rewrites ``metrics.jsonl`` from the
+    checkpoint's list, which drops a line written after the checkpoint by an interrupted epoch.
+    """
     path = out / "checkpoint.pt"
     if not path.is_file():
         raise UsageError(
@@ -515,6 +601,7 @@ def _resume_state(options: dict[str, Any], out: Path) -> RunState:
         )
     payload = load_checkpoint(path)
     config = dict(payload["config"])
+    check_stored_config(config, payload, path)
 
     # A resumed run continues the stored configuration; a differing flag would silently change it.
     for key, value in options.items():
@@ -533,18 +620,58 @@ def _resume_state(options: dict[str, Any], out: Path) -> RunState:
 
     # Rebuild every stateful object, then overwrite its state with the checkpoint's.
     model = build_run_model(config, data)
-    model.load_state_dict(payload["model"])
     optimizer = build_optimizer(config, model)
-    optimizer.load_state_dict(payload["optimizer"])
     scheduler = build_scheduler(optimizer, config["epochs"])
-    scheduler.load_state_dict(payload["scheduler"])
     data_order = torch.Generator()
-    data_order.set_state(payload["rng"]["data_order"])
-    torch.set_rng_state(payload["rng"]["torch"])
+    try:
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        data_order.set_state(payload["rng"]["data_order"])
+        torch.set_rng_state(payload["rng"]["torch"])
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as error:
+        raise UsageError(
+            f"checkpoint {str(path)!r} does not fit the {config['model']!r} run it describes "
+            f"({_state_dict_problem(error)}); resume with the crsam version that wrote it, or train again"
+        ) from None
 
     metrics = list(payload["metrics"])
-    _write_metrics(metrics, out)
     return RunState(config, data, model, optimizer, scheduler, data_order, payload["prior"], metrics, payload["epoch"])
+
+
+def check_stored_config(config: dict[str, Any], payload: dict[str, Any], path: Path) -> None:
+    """Raise UsageError when a checkpoint's configuration could not have come from ``crsam train``.
+
+    ``load_checkpoint`` checks the entries' types; this checks the training options with the
+    same rules as the flags, so an edited or foreign checkpoint fails in one line before its
+    values build a model or generate data.
+    """
+    def invalid(reason: str) -> UsageError:
+        return UsageError(
+            f"checkpoint {str(path)!r} stores an invalid configuration ({reason}); "
+            "pass a checkpoint that 'crsam train' wrote, or train again"
+        )
+
+    missing = [key for key in DEFAULTS if key not in config]
+    if missing:
+        raise invalid(f"it lacks {', '.join(missing)}")
+    try:
+        # The stored data folder may have moved; load_run_data reports that with the way out.
+        check_options({**config, "data_dir": None})
+    except UsageError as error:
+        # Keep the reason and drop the advice, which is about passing a flag.
+        raise invalid(str(error).split(";", 1)[0]) from None
+    optimizer = config["optimizer"]
+    for name in ("lr", *OPTIMIZER_OPTIONS[optimizer]):
+        if config[name] is None:
+            raise invalid(f"{name} is missing for --optimizer {optimizer}")
+    data_seed = config.get("data_seed", 42)
+    if not isinstance(data_seed, int) or isinstance(data_seed, bool) or not 0 <= data_seed < 2**32:
+        raise invalid(f"data_seed is {data_seed!r}, not a whole number from 0 to 2**32 - 1")
+    if config["data_dir"] is not None and not isinstance(config["data_dir"], str):
+        raise invalid(f"data_dir is {config['data_dir']!r}, not a path")
+    if payload["epoch"] > config["epochs"]:
+        raise invalid(f"{payload['epoch']} epochs completed of {config['epochs']}")
 
 
 def _check_folder(out: Path, *, overwrite: bool) -> list[str]:
@@ -557,15 +684,66 @@ def _check_folder(out: Path, *, overwrite: bool) -> list[str]:
             f"--out {str(out)!r} already contains a run ({', '.join(existing)}); pass --resume to "
             "continue it, --overwrite to replace it, or another --out"
         )
+
+    # The nearest existing folder must let us create entries (os.access also sees read-only mounts).
+    ancestor = out
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(
+            f"--out {str(out)!r} cannot be created because {str(ancestor)!r} is a file; pass a folder path"
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"--out {str(out)!r} is not writable (no write permission in {str(ancestor)!r}); "
+            "pass a folder you can write to"
+        )
     return existing
 
 
-def _prepare_folder(out: Path, existing: list[str]) -> None:
-    """Create ``out`` and delete the ``existing`` run files that a new run replaces."""
-    out.mkdir(parents=True, exist_ok=True)
+def _create_folder(out: Path) -> list[Path]:
+    """Create ``out`` with its missing parents; return the folders created, deepest first."""
+    missing = []
+    folder = out
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        _remove_empty_folders(missing)
+        raise UsageError(
+            f"--out {str(out)!r} cannot be created ({error.strerror or error}); pass a folder you can write to"
+        ) from None
+    return missing
+
+
+def _start_run_files(new_run: NewRunFiles, out: Path) -> None:
+    """Replace an earlier run's files and write ``config.json``, once the first epoch succeeded."""
     # The old checkpoint must not survive next to the new run's configuration.
-    for name in existing:
-        (out / name).unlink()
+    for name in new_run.replaced:
+        (out / name).unlink(missing_ok=True)
+    new_run.replaced = []
+    new_run.written.append(out / "config.json")
+    write_text_atomic(
+        json.dumps(json_safe(new_run.config_record), indent=2, sort_keys=True) + "\n", out / "config.json"
+    )
+
+
+def _discard_new_run(new_run: NewRunFiles) -> None:
+    """Remove what a new run wrote before its first checkpoint, and the folders it created."""
+    for path in new_run.written:
+        path.unlink(missing_ok=True)
+    _remove_empty_folders(new_run.created_folders)
+
+
+def _remove_empty_folders(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) where they are empty; keep any that are not."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _describe_prior(model: nn.Module, *, seed: int, split: PriorSplit | None) -> dict[str, Any]:
@@ -630,6 +808,7 @@ def restore_run(path: str | os.PathLike, *, data_dir: str | os.PathLike | None =
     path = Path(path)
     payload = load_checkpoint(path)
     config = payload["config"]
+    check_stored_config(config, payload, path)
     check_data_dir(data_dir)
     data = load_run_data(config, data_dir=data_dir)
     _check_data_hash(data, payload, path)
@@ -639,22 +818,50 @@ def restore_run(path: str | os.PathLike, *, data_dir: str | os.PathLike | None =
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as error:
-        first_line = str(error).splitlines()[0]
         raise UsageError(
-            f"checkpoint {str(path)!r} does not fit the model {config['model']!r} ({first_line}); "
+            f"checkpoint {str(path)!r} does not fit the model {config['model']!r} ({_state_dict_problem(error)}); "
             "use the crsam version that wrote it"
         ) from None
     model.eval()
 
-    # Regenerate the prior's held-out split and check it against the stored hash.
+    # The prior centre must have the model's parameters, or the KL term has no meaning.
     prior = payload["prior"]
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    stored = {name: tuple(tensor.shape) for name, tensor in prior["state"].items()}
+    if stored != expected:
+        raise UsageError(
+            f"checkpoint {str(path)!r} is invalid: the prior's tensors do not match the parameters of "
+            f"the model {config['model']!r}; pass a checkpoint that 'crsam train' wrote, or train again"
+        )
+
+    # Regenerate the prior's held-out split and check it against the stored hash.
     split = None
     if prior.get("split") is not None:
-        stored = prior["split"]
-        split = split_for_prior(len(data.y_train), stored["fraction"], seed=stored["seed"])
-        if split.indices_sha256 != stored["indices_sha256"]:
+        stored_split = prior["split"]
+        try:
+            split = split_for_prior(len(data.y_train), stored_split["fraction"], seed=stored_split["seed"])
+        except UsageError as error:
+            raise UsageError(
+                f"checkpoint {str(path)!r} stores an invalid prior split ({str(error).split(';', 1)[0]}); "
+                "pass a checkpoint that 'crsam train' wrote, or train again"
+            ) from None
+        if split.indices_sha256 != stored_split["indices_sha256"]:
             raise UsageError(
                 f"the prior split rebuilt for {str(path)!r} differs from the stored one; "
                 "use the crsam and torch versions that wrote the checkpoint"
             )
     return RestoredRun(path, payload, config, model, data, prior["state"], split)
+
+
+def _state_dict_problem(error: BaseException) -> str:
+    """Return the first specific problem of a ``load_state_dict`` error, on one line.
+
+    torch's message starts with a header, ``Error(s) in loading state_dict for MLP:``, and lists
+    the missing keys, unexpected keys and size mismatches on the following lines.
+    """
+    if isinstance(error, KeyError):
+        return f"an entry lacks the key {error.args[0]!r}" if error.args else "an entry lacks a key"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        return lines[1].rstrip(".")
+    return lines[0] if lines else type(error).__name__
