@@ -172,10 +172,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a crsam checkpoint with ``weights_only=True`` and check its format.
 
     Raises UsageError, with a one-line message naming ``path`` and the fix, when the file is
-    missing, is a folder, cannot be read, is truncated or corrupt (a zip member fails its CRC-32
-    check), contains objects other than plain data (a weights-only load rejects pickled classes and
-    functions, so no code from the file runs), is not a crsam checkpoint of a known format version,
-    or has entries of the wrong type or NaN weights.
+    missing, is a folder, cannot be read, or is truncated or corrupt (a zip member fails its CRC-32
+    check). It is also raised when the file contains objects other than plain data, because a
+    weights-only load rejects pickled classes and functions, so no code from the file runs. The
+    last cases are a file that is not a crsam checkpoint of a known format version, and entries
+    of the wrong type or NaN weights.
     """
     path = Path(path)
     if not path.exists():
@@ -211,7 +212,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         detail = first_line(error)
         if "TORCH_FORCE_" in detail:
             # torch.load rejects contradictory settings of its environment variables before reading.
-            raise UsageError(f"torch.load failed on {str(path)!r}: {detail}; unset one of them") from None
+            raise UsageError(
+                f"torch.load failed on {str(path)!r}: {detail}; unset TORCH_FORCE_WEIGHTS_ONLY_LOAD "
+                "or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+            ) from None
         raise UsageError(
             f"checkpoint {str(path)!r} is truncated or corrupt ({detail}); "
             "train again or restore an intact copy"
@@ -300,7 +304,7 @@ def find_structure_problem(payload: dict) -> str | None:
 
     The weights-only load guarantees plain data but not its shape. This check lets the commands
     report an edited or foreign checkpoint in one line before any entry is used. The training
-    options in ``config`` are checked by ``crsam.train``, which knows their ranges.
+    options in ``config`` and their ranges are checked by ``crsam.train``.
     """
     version = payload["format_version"]
     if not _is_integer(version) or version < 1:
@@ -314,7 +318,7 @@ def find_structure_problem(payload: dict) -> str | None:
     if not isinstance(payload["data"].get("sha256"), str):
         return "data has no SHA-256 hash string under 'sha256'"
 
-    # Weights: tensors by name, all finite, because training stops before it stores NaN weights.
+    # Weights: tensors by name, all finite, since a run whose loss turns NaN stops before saving.
     if not _is_tensor_dict(payload["model"]) or not payload["model"]:
         return "model is not a non-empty dict of tensors by parameter name"
     prior = payload["prior"]
@@ -363,7 +367,7 @@ def _is_rejected_object(detail: str) -> bool:
 def _weights_only_detail(error: BaseException) -> str:
     """Return the reason line of a weights-only load failure, without torch's general advice.
 
-    torch 2.6 and later wrap the unpickler's reason in paragraphs of advice, some of which
+    torch (2.13 here) wraps the unpickler's reason in paragraphs of advice, some of which
     suggest ``weights_only=False``. The reason is the first line that is not advice, for example
     ``Unsupported global: GLOBAL argparse.Namespace was not an allowed global by default``.
     """

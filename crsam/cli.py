@@ -251,7 +251,7 @@ def _check_positive(flag: str, value: int | None) -> None:
 
 
 def _check_seed(value: int) -> None:
-    # torch.Generator.manual_seed takes seeds below 2**64, but the estimators store them as int64.
+    # torch.Generator.manual_seed takes seeds below 2**64, but the curvature code converts them to int64.
     if not 0 <= value < 2**63:
         raise UsageError(f"--seed {value} is outside [0, 2**63); pass a whole number such as 0")
 
@@ -347,7 +347,7 @@ def _call_helper(function, *args: Any, size_flags: str | None = None, **kwargs: 
             if isinstance(error, RuntimeError) and "can't allocate memory" not in str(error):
                 raise
             advice = f"pass a smaller {size_flags}" if size_flags else "free memory and run it again"
-            raise UsageError(f"out of memory ({type(error).__name__}); {advice}") from None
+            raise UsageError(f"the computation ran out of memory; {advice}") from None
     reported = {str(text) for text in report.get("warnings", [])} if isinstance(report, dict) else set()
     for warning in caught:
         # Deprecation notices from libraries concern crsam's code, not the user's input.

@@ -504,7 +504,7 @@ class CRSAM(_SharpnessAwareOptimizer):
         d = g_+ + \alpha\,(g_+ + g_- - 2 g_0) + \beta\,(g_+ - g_-)
           = (1 + \alpha + \beta)\, g_+ + (\alpha - \beta)\, g_- - 2 \alpha\, g_0 .
 
-    Three forward-backward passes per step. With :math:`\epsilon` held fixed, as in SAM's gradient,,
+    Three forward-backward passes per step. With :math:`\epsilon` held fixed, as in SAM's gradient,
     Taylor expansion gives :math:`g_+ + g_- - 2 g_0 = \nabla_w (\epsilon^\top H(w)\, \epsilon)
     + O(\rho^4)` and :math:`g_+ - g_- = 2 H \epsilon + O(\rho^3) = 2\rho\,\nabla_w \lVert \nabla L(w)
     \rVert + O(\rho^3)`, so to leading order :math:`d` is the gradient of

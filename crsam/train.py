@@ -92,8 +92,16 @@ DEFAULT_LR = {"mlp": 0.5, "cnn1d": 0.2}
 # Options that only some optimizers use; passing one to another optimizer is an error.
 OPTIMIZER_OPTIONS = {"sgd": (), "sam": ("rho",), "crsam": ("rho", "alpha", "beta")}
 
+# Options that a checkpoint's configuration must contain to rebuild its run; the rest have defaults.
+STORED_REQUIRED_OPTIONS = (
+    "data", "model", "activation", "optimizer", "lr", "momentum", "weight_decay", "batch_size", "epochs", "seed",
+)
+
 # Options that may differ between a run and its resumption because they do not change the result.
 RESUME_FREE_OPTIONS = ("out", "data_dir")
+
+# The largest finite float32, the dtype of the models' weights.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 # Examples per forward pass when evaluating; evaluation keeps no graph, so larger is fine.
 EVAL_BATCH_SIZE = 1000
@@ -140,7 +148,9 @@ def resolve_options(explicit: dict[str, Any]) -> dict[str, Any]:
 def check_options(config: dict[str, Any]) -> None:
     """Raise UsageError for the first option in ``config`` that is invalid or not available yet."""
     if config["optimizer"] not in OPTIMIZER_CHOICES:
-        raise UsageError(f"--optimizer {config['optimizer']!r} is unknown; choose one of {', '.join(OPTIMIZER_CHOICES)}")
+        raise UsageError(
+            f"--optimizer {config['optimizer']!r} is unknown; choose one of {', '.join(OPTIMIZER_CHOICES)}"
+        )
     if config["data"] not in DATA_CHOICES:
         raise UsageError(f"--data {config['data']!r} is unknown; choose one of {', '.join(DATA_CHOICES)}")
     if config["data"] not in AVAILABLE_DATA:
@@ -166,6 +176,13 @@ def check_options(config: dict[str, Any]) -> None:
     _check_real(config, "lr", minimum=0.0, exclusive=True, example="0.1", value_description="a learning rate")
     _check_real(config, "momentum", minimum=0.0, maximum=1.0, example="0.9", value_description="a momentum")
     _check_real(config, "weight_decay", minimum=0.0, example="5e-4", value_description="an L2 penalty")
+    alpha, beta = config["alpha"], config["beta"]
+    if alpha is not None and beta is not None and max(2.0 * alpha, 1.0 + alpha + beta) > FLOAT32_MAX:
+        # CR-SAM scales float32 gradients by 2 alpha and 1 + alpha + beta.
+        raise UsageError(
+            f"--alpha {alpha} with --beta {beta} is too large: 2 alpha and 1 + alpha + beta must stay "
+            f"below {FLOAT32_MAX:.3g}; pass weights such as --alpha 0.1 --beta 0.01"
+        )
 
     # Counts.
     _check_count(config, "batch_size", minimum=1, example="128")
@@ -229,6 +246,12 @@ def _check_real(
     flag = "--" + name.replace("_", "-")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise UsageError(f"{flag} {value!r} is not a finite number; pass {value_description} such as {example}")
+    if abs(value) > FLOAT32_MAX:
+        # The optimizers pass these values to float32 tensor operations, which reject them.
+        raise UsageError(
+            f"{flag} {value} is too large for float32 weights (max {FLOAT32_MAX:.3g}); "
+            f"pass {value_description} such as {example}"
+        )
     if exclusive and value <= minimum:
         raise UsageError(f"{flag} {value} must be greater than {minimum:g}; pass {value_description} such as {example}")
     if value < minimum:
@@ -376,8 +399,9 @@ def train_one_epoch(
 class NewRunFiles:
     """A new run's folder changes, made only once its first epoch has succeeded.
 
-    Until then the folder holds nothing of the new run, so an invalid option found late, a
-    diverging first epoch or Ctrl-C leaves an earlier run (``replaced``) and the folder as they were.
+    Until then the folder contains nothing of the new run. An invalid option found late, a
+    diverging first epoch or Ctrl-C therefore leaves the folder and an earlier run in it
+    (``replaced``) as they were.
     """
 
     config_record: dict[str, Any]
@@ -600,8 +624,7 @@ def _resume_state(options: dict[str, Any], out: Path) -> RunState:
             "or pass the --out folder of an earlier run"
         )
     payload = load_checkpoint(path)
-    config = dict(payload["config"])
-    check_stored_config(config, payload, path)
+    config = check_stored_config(payload["config"], payload, path)
 
     # A resumed run continues the stored configuration; a differing flag would silently change it.
     for key, value in options.items():
@@ -639,12 +662,13 @@ def _resume_state(options: dict[str, Any], out: Path) -> RunState:
     return RunState(config, data, model, optimizer, scheduler, data_order, payload["prior"], metrics, payload["epoch"])
 
 
-def check_stored_config(config: dict[str, Any], payload: dict[str, Any], path: Path) -> None:
-    """Raise UsageError when a checkpoint's configuration could not have come from ``crsam train``.
+def check_stored_config(config: dict[str, Any], payload: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Return a checkpoint's configuration, or raise UsageError if ``crsam train`` could not have written it.
 
-    ``load_checkpoint`` checks the entries' types; this checks the training options with the
-    same rules as the flags, so an edited or foreign checkpoint fails in one line before its
-    values build a model or generate data.
+    ``load_checkpoint`` checks the entries' types. This function checks the training options
+    with the same rules as the flags, so that an edited or foreign checkpoint fails in one line
+    before its values build a model or generate data. Options that the rebuild can do without and that the
+    configuration lacks, such as flags added after it was written, take their defaults.
     """
     def invalid(reason: str) -> UsageError:
         return UsageError(
@@ -652,11 +676,12 @@ def check_stored_config(config: dict[str, Any], payload: dict[str, Any], path: P
             "pass a checkpoint that 'crsam train' wrote, or train again"
         )
 
-    missing = [key for key in DEFAULTS if key not in config]
+    missing = [key for key in STORED_REQUIRED_OPTIONS if key not in config]
     if missing:
         raise invalid(f"it lacks {', '.join(missing)}")
+    config = {**DEFAULTS, "rho": None, "alpha": None, "beta": None, **config}
     try:
-        # The stored data folder may have moved; load_run_data reports that with the way out.
+        # The stored data folder may have moved, which load_run_data reports with the way out.
         check_options({**config, "data_dir": None})
     except UsageError as error:
         # Keep the reason and drop the advice, which is about passing a flag.
@@ -672,6 +697,7 @@ def check_stored_config(config: dict[str, Any], payload: dict[str, Any], path: P
         raise invalid(f"data_dir is {config['data_dir']!r}, not a path")
     if payload["epoch"] > config["epochs"]:
         raise invalid(f"{payload['epoch']} epochs completed of {config['epochs']}")
+    return config
 
 
 def _check_folder(out: Path, *, overwrite: bool) -> list[str]:
@@ -685,7 +711,7 @@ def _check_folder(out: Path, *, overwrite: bool) -> list[str]:
             "continue it, --overwrite to replace it, or another --out"
         )
 
-    # The nearest existing folder must let us create entries (os.access also sees read-only mounts).
+    # The nearest existing folder must allow new entries (os.access also reports read-only mounts).
     ancestor = out
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
@@ -807,8 +833,7 @@ def restore_run(path: str | os.PathLike, *, data_dir: str | os.PathLike | None =
     """
     path = Path(path)
     payload = load_checkpoint(path)
-    config = payload["config"]
-    check_stored_config(config, payload, path)
+    config = check_stored_config(payload["config"], payload, path)
     check_data_dir(data_dir)
     data = load_run_data(config, data_dir=data_dir)
     _check_data_hash(data, payload, path)

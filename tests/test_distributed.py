@@ -86,6 +86,9 @@ def worker(rank: int, world_size: int, name: str, perturbation: str, out_dir: st
                 {"state": model.state_dict(), "gradient_all_reduces": reduced["numel"] / (gradient_numel * STEPS)},
                 os.path.join(out_dir, "result.pt"),
             )
+        # Both ranks finish their collectives before either tears gloo down; exiting while the
+        # peer still talks to it aborts the process.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
