@@ -495,6 +495,8 @@ def train(
             bar.update(1)
             bar.set_postfix(train_loss=f"{record['train_loss']:.3f}", test_acc=f"{record['test_acc']:.3f}")
     except BaseException as error:
+        # Clear the bar on close, so that crsam's one-line message is all that stays on stderr.
+        bar.leave = False
         # Covers KeyboardInterrupt: a new run that never finished an epoch leaves nothing behind.
         if state.new_run is None:
             raise
