@@ -410,7 +410,12 @@ def format_checks_table(report: dict[str, Any]) -> str:
     rows = [header]
     for check in report.get("checks", []):
         passed = check.get("passed")
-        result = "n/a" if passed is None else ("pass" if passed else "FAIL")
+        if passed is None:
+            result = "n/a"
+        elif passed:
+            result = "pass"
+        else:
+            result = "FAIL"
         rows.append((
             str(check.get("name", "")),
             _format_number(check.get("error")),

@@ -445,10 +445,10 @@ class SAM(_SharpnessAwareOptimizer):
             restored after the perturbed pass. Without it the perturbed pass updates them too.
             A ``DistributedDataParallel`` model gets its perturbed passes run inside
             ``no_sync()`` and their combined gradient averaged with one all-reduce.
-        perturbation: with DDP, ``"global"`` (default) perturbs with the gradient averaged over
-            all processes (two gradient all-reduces per step, and the update does not depend on
-            the number of processes), ``"local"`` with each process's own gradient, as in SAM's
-            m-sharpness (one all-reduce per step). Without DDP the two are the same.
+        perturbation: how DDP perturbs. ``"global"`` (default) uses the gradient averaged over
+            all processes, at two gradient all-reduces per step, so the update does not depend
+            on the number of processes. ``"local"`` uses each process's own gradient, as in
+            SAM's m-sharpness, at one all-reduce per step. Without DDP the two are the same.
         **base_kwargs: arguments of ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     Example:
@@ -533,10 +533,10 @@ class CRSAM(_SharpnessAwareOptimizer):
             restored after each perturbed pass. Without it the perturbed passes update them too.
             A ``DistributedDataParallel`` model gets its perturbed passes run inside
             ``no_sync()`` and their combined gradient averaged with one all-reduce.
-        perturbation: with DDP, ``"global"`` (default) perturbs with the gradient averaged over
-            all processes (two gradient all-reduces per step, and the update does not depend on
-            the number of processes), ``"local"`` with each process's own gradient, as in SAM's
-            m-sharpness (one all-reduce per step). Without DDP the two are the same.
+        perturbation: how DDP perturbs. ``"global"`` (default) uses the gradient averaged over
+            all processes, at two gradient all-reduces per step, so the update does not depend
+            on the number of processes. ``"local"`` uses each process's own gradient, as in
+            SAM's m-sharpness, at one all-reduce per step. Without DDP the two are the same.
         **base_kwargs: arguments of ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     With ``alpha = beta = 0`` the step equals :class:`SAM`'s (it still runs the third pass).
