@@ -84,6 +84,9 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
                       help="folder with the data set's files (must exist; MNIST-1D is generated and does not read it)")
     data.add_argument("--num-samples", type=_int, metavar="N",
                       help="MNIST-1D examples to generate, a multiple of 10, split 80/20 into train and test [5000]")
+    data.add_argument("--data-seed", type=_int, metavar="SEED",
+                      help="seed that generates the MNIST-1D examples; another seed gives a fresh sample of the "
+                      f"same distribution [{DEFAULTS['data_seed']}]")
     data.add_argument("--prior-split", type=_float, metavar="FRACTION",
                       help="fraction of the training set held out for a data-dependent prior, in (0, 1) [none]")
 

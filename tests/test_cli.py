@@ -356,7 +356,7 @@ BAD_CHECKPOINTS = [
     ("config-huge-data", edited(set_key("config", "num_samples", 10**12)), ALL_COMMANDS,
      r"stores an invalid configuration \(--num-samples 1000000000000 is above the limit"),
     ("config-data-seed", edited(set_key("config", "data_seed", "x")), ALL_COMMANDS,
-     r"stores an invalid configuration \(data_seed is 'x'"),
+     r"stores an invalid configuration \(--data-seed 'x' is not an integer"),
     ("config-missing", edited(set_key("config", {"model": "mlp"})), ALL_COMMANDS,
      r"stores an invalid configuration \(it lacks data, activation, optimizer, lr"),
     ("prior-shape", edited(shrink_prior), ("bound", "curvature", "verify"),

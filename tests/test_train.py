@@ -198,6 +198,18 @@ def test_explicit_lr_kept():
     assert resolve_options({"model": "cnn1d", "lr": 0.01})["lr"] == 0.01
 
 
+def test_data_seed_draws_fresh_sample(tmp_path):
+    """Another --data-seed generates other examples, and the run records the seed and the hash."""
+    default = train(tiny(epochs=1), out=tmp_path / "default", progress=False)
+    fresh = train(tiny(epochs=1, data_seed=7), out=tmp_path / "fresh", progress=False)
+    default_config = json.loads((tmp_path / "default" / "config.json").read_text())
+    fresh_config = json.loads((tmp_path / "fresh" / "config.json").read_text())
+    assert default["config"]["data_seed"] == DEFAULTS["data_seed"]
+    assert fresh["config"]["data_seed"] == 7
+    assert fresh_config["data_sha256"] != default_config["data_sha256"]
+    assert restore_run(tmp_path / "fresh" / "checkpoint.pt").data.sha256 == fresh_config["data_sha256"]
+
+
 def test_sgd_drops_sharpness_options():
     config = resolve_options({"optimizer": "sgd"})
     assert config["rho"] is None
@@ -215,6 +227,8 @@ def test_sgd_drops_sharpness_options():
         ({"batch_size": 0}, r"--batch-size 0 is below 1"),
         ({"epochs": 0}, r"--epochs 0 is below 1"),
         ({"seed": -1}, r"--seed -1 is below 0"),
+        ({"data_seed": -1}, r"--data-seed -1 is below 0"),
+        ({"data_seed": 2**32}, r"--data-seed 4294967296 is too large; pass a seed below 2\*\*32"),
         ({"num_samples": 5}, r"--num-samples 5 is below 10"),
         ({"optimizer": "adam"}, r"--optimizer 'adam' is unknown; choose one of sgd, sam, crsam"),
         ({"optimizer": "sgd", "rho": 0.1}, r"--rho 0.1 has no effect with --optimizer sgd; drop --rho or pass --optimizer sam or crsam"),
