@@ -496,3 +496,18 @@ def test_invalid_arguments_raise(call, message):
     model, X, y = _small()
     with pytest.raises(ValueError, match=message):
         call(model, X, y)
+
+
+def test_report_shows_probe_cap():
+    model = smooth_mlp([4, 5, 3], "gelu", seed=12)
+    X, y = random_classification_data(30, 4, 3, seed=13)
+
+    # A relative standard error of 1e-9 is out of reach in 20 probes on a non-diagonal Hessian.
+    capped = curvature_report(model, X, y, method="hutchinson", rel_tol=1e-9, max_probes=20)
+    assert capped["trace_converged"] is False
+    assert capped["trace_stopping_rule"] == {"rel_tol": 1e-9, "max_probes": 20}
+    assert "stopped at the cap of 20 probes" in format_curvature_table(capped)
+
+    fixed = curvature_report(model, X, y, method="hutchinson", probes=12)
+    assert fixed["trace_stopping_rule"] is None
+    assert "stopped at the cap" not in format_curvature_table(fixed)

@@ -172,6 +172,10 @@ def curvature_report(
             "probes": trace.probes,
         },
         "trace_converged": trace.converged,
+        # The stopping rule of the adaptive estimators; None when a fixed --probes was given.
+        "trace_stopping_rule": None if probes is not None or method in ("exact", "xtrace") else {
+            "rel_tol": rel_tol, "max_probes": max_probes,
+        },
         "grad_norm": _finite_or_none(grad_norm),
         "normalized_trace": _finite_or_none(ratio),
         "normalized_trace_stderr": _finite_or_none(ratio_stderr),
@@ -205,6 +209,18 @@ def _format_number(x: Any) -> str:
     return str(x)
 
 
+def _describe_probes(report: dict[str, Any]) -> str:
+    """Return the probe count, saying so when the adaptive rule stopped at its cap."""
+    text = _format_number(report["trace"].get("probes"))
+    rule = report.get("trace_stopping_rule")
+    if rule is not None and not report.get("trace_converged", True):
+        text += (
+            f" (stopped at the cap of {rule['max_probes']} probes before the standard error reached "
+            f"{100 * rule['rel_tol']:g} % of the estimate)"
+        )
+    return text
+
+
 def format_curvature_table(report: dict[str, Any]) -> str:
     """Render a :func:`curvature_report` as a readable two-column table."""
     trace = report["trace"]
@@ -229,7 +245,7 @@ def format_curvature_table(report: dict[str, Any]) -> str:
         ("parameters", report.get("num_parameters")),
         ("method", report.get("estimator", report.get("method"))),
         ("trace Tr(H)", trace_text),
-        ("probes", trace.get("probes")),
+        ("probes", _describe_probes(report)),
         ("gradient norm", _format_number(report.get("grad_norm"))),
         ("normalized trace", ratio_text),
         ("curvature along gradient", _format_number(report.get("gradient_direction_curvature"))),
