@@ -112,7 +112,13 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
                        help="global (one norm over all parameters); local is not available yet [global]")
     optim.add_argument("--parallel", action="store_true", default=None, help="not available yet")
     optim.add_argument("--amp", metavar="DTYPE", help="bf16 or fp16 mixed precision; not available yet")
-    optim.add_argument("--track-curvature", type=_int, metavar="EPOCHS", help="not available yet")
+    optim.add_argument("--track-curvature", type=_int, metavar="EPOCHS",
+                       help="every EPOCHS epochs and at the last, log the Hessian trace with its standard error, "
+                       "top eigenvalue, gradient norm and normalized trace of the mean cross-entropy (eval mode, "
+                       "no weight decay) on fixed training and test subsets to metrics.jsonl [off]")
+    optim.add_argument("--curvature-samples", type=_int, metavar="N",
+                       help="examples in each fixed subset of --track-curvature, drawn once from --seed; "
+                       f"a smaller split is used whole [{DEFAULTS['curvature_samples']}]")
 
     run = train.add_argument_group("run folder")
     run.add_argument("--out", metavar="DIR", required=True, help="folder for checkpoint.pt, config.json and metrics.jsonl")

@@ -4,7 +4,9 @@ A run lives in one output folder with three files:
 
 - ``config.json``: every resolved option, crsam's and torch's versions, the data set's hash.
 - ``metrics.jsonl``: one JSON object per completed epoch (``epoch``, ``lr``, ``train_loss``,
-  ``train_acc``, ``test_loss``, ``test_acc``, ``seconds``).
+  ``train_acc``, ``test_loss``, ``test_acc``, ``seconds``, and on the epochs that
+  ``--track-curvature`` selects the ``curvature_*`` figures of ``crsam.tracking`` with
+  ``curvature_seconds``, which ``seconds`` excludes).
 - ``checkpoint.pt``: the state after the last completed epoch (see ``crsam.checkpoint``).
 
 The training loss and accuracy are measured at the weights w, never at a perturbed point. After
@@ -53,6 +55,15 @@ from crsam.data import (
 )
 from crsam.errors import UsageError
 from crsam.models import ACTIVATIONS, AVAILABLE_MODELS, MODEL_CHOICES, build_model, count_parameters
+from crsam.tracking import (
+    CURVATURE_BATCH_SIZE,
+    CURVATURE_METHOD,
+    CURVATURE_PROBES,
+    DEFAULT_CURVATURE_SAMPLES,
+    curvature_subset_indices,
+    is_tracked_epoch,
+    measure_curvature,
+)
 
 OPTIMIZER_CHOICES = ("sgd", "sam", "crsam")
 PERTURBATION_CHOICES = ("global", "local")
@@ -83,6 +94,7 @@ DEFAULTS: dict[str, Any] = {
     "parallel": False,
     "amp": None,
     "track_curvature": None,
+    "curvature_samples": DEFAULT_CURVATURE_SAMPLES,
 }
 
 # Initial learning rate per model. In a sweep over 0.05 to 2 (60 epochs, momentum 0.9, GELU,
@@ -137,6 +149,7 @@ def resolve_options(explicit: dict[str, Any]) -> dict[str, Any]:
                 f"drop --{name} or pass --optimizer {' or '.join(users)}"
             )
         config[name] = None
+    _drop_untracked_curvature_options(config, passed)
 
     if config["lr"] is None and config["model"] in DEFAULT_LR:
         config["lr"] = DEFAULT_LR[config["model"]]
@@ -144,6 +157,18 @@ def resolve_options(explicit: dict[str, Any]) -> dict[str, Any]:
     if config["data"] == "mnist1d" and config["num_samples"] is None:
         config["num_samples"] = 5000
     return config
+
+
+def _drop_untracked_curvature_options(config: dict[str, Any], passed: dict[str, Any]) -> None:
+    """Store ``--curvature-samples`` as None without ``--track-curvature``, and reject it when passed alone."""
+    if config["track_curvature"] is not None:
+        return
+    if "curvature_samples" in passed:
+        raise UsageError(
+            f"--curvature-samples {passed['curvature_samples']} has no effect without --track-curvature; "
+            "drop it or pass --track-curvature EPOCHS"
+        )
+    config["curvature_samples"] = None
 
 
 def check_options(config: dict[str, Any]) -> None:
@@ -232,10 +257,15 @@ def check_options(config: dict[str, Any]) -> None:
         if config["amp"] not in AMP_CHOICES:
             raise UsageError(f"--amp {config['amp']!r} is unknown; choose one of {', '.join(AMP_CHOICES)}")
         raise UsageError(f"--amp {config['amp']} is not available yet; drop --amp to train in float32")
+    _check_curvature_options(config)
+
+
+def _check_curvature_options(config: dict[str, Any]) -> None:
+    """Raise UsageError unless ``--track-curvature`` and ``--curvature-samples`` are None or counts >= 1."""
     if config["track_curvature"] is not None:
-        raise UsageError(
-            "--track-curvature is not available yet; run 'crsam curvature DIR/checkpoint.pt' after training"
-        )
+        _check_count(config, "track_curvature", minimum=1, example="10")
+    if config.get("curvature_samples") is not None:
+        _check_count(config, "curvature_samples", minimum=1, example=str(DEFAULT_CURVATURE_SAMPLES))
 
 
 def _check_real(
@@ -401,6 +431,29 @@ def train_one_epoch(
             )
 
 
+def curvature_splits(config: dict[str, Any], data: Dataset) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Return the fixed training and test subsets that ``--track-curvature`` measures on."""
+    splits = {}
+    for split, (inputs, targets) in {"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)}.items():
+        indices = curvature_subset_indices(len(targets), config["curvature_samples"], seed=config["seed"], split=split)
+        splits[split] = (inputs[indices], targets[indices])
+    return splits
+
+
+def describe_curvature_tracking(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Return how tracked epochs measure curvature, for ``config.json``, or None without tracking."""
+    if config["track_curvature"] is None:
+        return None
+    return {
+        "every_epochs": config["track_curvature"],
+        "examples_per_split": config["curvature_samples"],
+        "method": CURVATURE_METHOD,
+        "probes": CURVATURE_PROBES,
+        "batch_size": CURVATURE_BATCH_SIZE,
+        "loss": "mean cross-entropy, no weight decay, eval mode",
+    }
+
+
 # ---------------------------------------------------------------------------- the run
 
 
@@ -561,6 +614,11 @@ def _run_epoch(state: RunState) -> dict[str, Any]:
         "test_acc": test_acc,
         "seconds": time.perf_counter() - started,
     }
+    if is_tracked_epoch(epoch, every=state.config["track_curvature"], epochs=state.config["epochs"]):
+        # Measured after "seconds", which stays the time of training and evaluation alone.
+        record.update(
+            measure_curvature(state.model, curvature_splits(state.config, state.data), seed=state.config["seed"], epoch=epoch)
+        )
 
     # Metrics first, then the checkpoint: a crash in between leaves metrics.jsonl one epoch
     # ahead, and resuming rewrites it from the checkpoint's list.
@@ -615,6 +673,7 @@ def _new_state(options: dict[str, Any], out: Path, *, overwrite: bool) -> RunSta
         "n_test": len(data.y_test),
         "parameters": count_parameters(model),
         "schedule": "cosine, stepped per epoch",
+        "curvature_tracking": describe_curvature_tracking(config),
         "prior": {key: value for key, value in prior.items() if key != "state"},
     }
     created = _create_folder(out)

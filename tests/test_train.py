@@ -239,7 +239,6 @@ def test_sgd_drops_sharpness_options():
         ({"perturbation": "local"}, r"--perturbation local is not available yet"),
         ({"parallel": True}, r"--parallel is not available yet"),
         ({"amp": "bf16"}, r"--amp bf16 is not available yet"),
-        ({"track_curvature": 5}, r"--track-curvature is not available yet"),
     ],
 )
 def test_invalid_options(options, message):
