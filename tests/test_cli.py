@@ -56,11 +56,11 @@ def strict_json(text):
 # and the expected error message as a regular expression.
 BAD_INPUT = [
     (["train", "--out", "RUN", "--overwrite", "--model", "transformer"], r"--model 'transformer' is unknown; choose one of mlp, cnn1d"),
-    (["train", "--out", "RUN", "--overwrite", "--model", "vit"], r"--model vit is not available yet"),
+    (["train", "--out", "RUN", "--overwrite", "--model", "vit"], r"--model vit takes 3x32x32 images, but --data mnist1d has sequences"),
     (["train", "--out", "RUN", "--overwrite", "--optimizer", "adam"], r"--optimizer 'adam' is unknown; choose one of sgd, sam, crsam"),
     (["train", "--out", "RUN", "--overwrite", "--rho", "-0.1"], r"--rho -0.1 is negative; pass a perturbation radius >= 0"),
     (["train", "--out", "RUN", "--overwrite", "--optimizer", "sgd", "--rho", "0.1"], r"--rho 0.1 has no effect with --optimizer sgd"),
-    (["train", "--out", "RUN", "--overwrite", "--data", "cifar10"], r"--data cifar10 is not available yet; use --data mnist1d"),
+    (["train", "--out", "RUN", "--overwrite", "--data", "cifar10"], r"--model mlp takes MNIST-1D sequences, not the images of --data cifar10; pass --model resnet18"),
     (["train", "--out", "RUN", "--overwrite", "--data-dir", "RUN/nowhere"], r"--data-dir '.*nowhere' does not exist; pass an existing folder"),
     (["train", "--out", "RUN", "--overwrite", "--num-samples", "15"], r"--num-samples 15 is invalid; pass a positive multiple of 10"),
     (["train", "--out", "RUN", "--overwrite", "--lr", "nan"], r"--lr nan is not a finite number"),
