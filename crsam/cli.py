@@ -118,7 +118,9 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     optim.add_argument("--perturbation", metavar="KIND",
                        help="global (one norm over all parameters); local is not available yet [global]")
     optim.add_argument("--parallel", action="store_true", default=None, help="not available yet")
-    optim.add_argument("--amp", metavar="DTYPE", help="bf16 or fp16 mixed precision; not available yet")
+    optim.add_argument("--amp", metavar="DTYPE",
+                       help="mixed precision: forward passes under autocast in bf16 or fp16 (fp16 with a "
+                       "loss scaler); weights, gradients and evaluation stay float32 [off]")
     optim.add_argument("--track-curvature", type=_int, metavar="EPOCHS",
                        help="every EPOCHS epochs and at the last, log the Hessian trace with its standard error, "
                        "top eigenvalue, gradient norm and normalized trace of the mean cross-entropy (eval mode, "

@@ -57,6 +57,7 @@ from crsam.data import (
 )
 from crsam.errors import UsageError
 from crsam.models import ACTIVATIONS, MODEL_CHOICES, build_model, count_parameters
+from crsam.steps import StepRecipe, build_scaler, build_step_recipe, make_closure, take_step
 from crsam.tracking import (
     CURVATURE_BATCH_SIZE,
     CURVATURE_METHOD,
@@ -272,10 +273,10 @@ def check_options(config: dict[str, Any]) -> None:
         raise UsageError("--perturbation local is not available yet; use --perturbation global (the default)")
     if config["parallel"]:
         raise UsageError("--parallel is not available yet; train in one process without --parallel")
-    if config["amp"] is not None:
-        if config["amp"] not in AMP_CHOICES:
-            raise UsageError(f"--amp {config['amp']!r} is unknown; choose one of {', '.join(AMP_CHOICES)}")
-        raise UsageError(f"--amp {config['amp']} is not available yet; drop --amp to train in float32")
+    if config["amp"] is not None and config["amp"] not in AMP_CHOICES:
+        raise UsageError(
+            f"--amp {config['amp']!r} is unknown; choose one of {', '.join(AMP_CHOICES)}, or drop --amp to train in float32"
+        )
     _check_curvature_options(config)
 
 
@@ -483,29 +484,27 @@ def train_one_epoch(
     generator: torch.Generator,
     epoch: int,
     augmentation: torch.Generator | None = None,
+    recipe: StepRecipe | None = None,
 ) -> None:
     """Run one pass over the training set in an order drawn from ``generator``.
 
-    ``augmentation`` supplies the random draws of image augmentation. Every optimizer is driven
-    through ``step(closure)``, the torch convention that SAM and CR-SAM need. Raises UsageError
-    when a loss becomes NaN or infinite, naming the epoch and the flags to lower.
+    ``augmentation`` supplies the random draws of image augmentation, and ``recipe`` sets mixed
+    precision (default: float32 on the model's device). Every optimizer is driven through
+    ``step(closure)``, the torch convention that SAM and CR-SAM need. Raises UsageError when a
+    loss becomes NaN or infinite, naming the epoch and the flags to lower.
     """
     from crsam.optim import NonFiniteLossError
 
+    if recipe is None:
+        recipe = StepRecipe(device_type=data.device.type)
     model.train()
     order = torch.randperm(data.num_train, generator=generator)
     for step, start in enumerate(range(0, len(order), batch_size), start=1):
         batch = order[start : start + batch_size]
         x, y = data.training_batch(batch, augmentation)
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
+        closure = make_closure(model, optimizer, x, y, recipe)
         try:
-            loss = optimizer.step(closure)
+            loss = take_step(optimizer, closure, recipe)
         except NonFiniteLossError as error:
             raise UsageError(f"training diverged in epoch {epoch}, step {step}: {error}") from None
         if not torch.isfinite(loss):
@@ -570,6 +569,8 @@ class RunState:
     data_order: torch.Generator
     # Generator of the augmentation's random draws (crop offsets, flips, Cutout squares), on the CPU.
     augmentation: torch.Generator
+    # Loss scaler of --amp fp16, else None.
+    scaler: torch.amp.GradScaler | None
     prior: dict[str, Any]
     metrics: list[dict[str, Any]]
     epoch: int
@@ -591,7 +592,13 @@ class RunState:
             "scheduler": self.scheduler.state_dict(),
             "metrics": self.metrics,
             "rng": self.random_states(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
         }
+
+    @property
+    def recipe(self) -> StepRecipe:
+        """The step settings of this run (mixed precision and its loss scaler)."""
+        return build_step_recipe(self.config, self.device_data.device, self.scaler)
 
     def random_states(self) -> dict[str, torch.Tensor]:
         """Return the states of every generator the run draws from, as uint8 tensors."""
@@ -718,6 +725,7 @@ def _run_epoch(state: RunState) -> dict[str, Any]:
         generator=state.data_order,
         epoch=epoch,
         augmentation=state.augmentation,
+        recipe=state.recipe,
     )
     state.scheduler.step()
 
@@ -792,6 +800,7 @@ def _new_state(options: dict[str, Any], out: Path, *, overwrite: bool) -> RunSta
     if device.type == "cuda":
         torch.cuda.manual_seed(config["seed"])
     device_data = TrainingData(data, device=device, cutout=config["cutout"])
+    scaler = build_scaler(config["amp"], device)
 
     # The configuration file records the resolved options and the provenance of the run.
     config_record = {
@@ -809,8 +818,8 @@ def _new_state(options: dict[str, Any], out: Path, *, overwrite: bool) -> RunSta
     }
     created = _create_folder(out)
     new_run = NewRunFiles(config_record, existing, created)
-    return RunState(config, data, device_data, model, optimizer, scheduler, data_order, augmentation, prior, [], 0,
-                    new_run)
+    return RunState(config, data, device_data, model, optimizer, scheduler, data_order, augmentation, scaler, prior,
+                    [], 0, new_run)
 
 
 def _resume_state(options: dict[str, Any], out: Path) -> RunState:
@@ -851,11 +860,14 @@ def _resume_state(options: dict[str, Any], out: Path) -> RunState:
     scheduler = build_scheduler(optimizer, config["epochs"])
     data_order = torch.Generator()
     augmentation = torch.Generator().manual_seed(augmentation_seed(config["seed"]))
+    scaler = build_scaler(config["amp"], device)
     try:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         _restore_random_states(payload["rng"], data_order, augmentation, device)
+        if scaler is not None:
+            _restore_scaler(scaler, payload.get("scaler"))
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as error:
         raise UsageError(
             f"checkpoint {str(path)!r} does not fit the {config['model']!r} run it describes "
@@ -864,8 +876,15 @@ def _resume_state(options: dict[str, Any], out: Path) -> RunState:
 
     metrics = list(payload["metrics"])
     device_data = TrainingData(data, device=device, cutout=config["cutout"])
-    return RunState(config, data, device_data, model, optimizer, scheduler, data_order, augmentation, payload["prior"],
-                    metrics, payload["epoch"])
+    return RunState(config, data, device_data, model, optimizer, scheduler, data_order, augmentation, scaler,
+                    payload["prior"], metrics, payload["epoch"])
+
+
+def _restore_scaler(scaler: torch.amp.GradScaler, state: Any) -> None:
+    """Load a checkpoint's loss-scaler state, or raise ValueError when it has none."""
+    if not isinstance(state, dict) or "scale" not in state:
+        raise ValueError("an --amp fp16 run needs the loss scaler's state, and the checkpoint has none")
+    scaler.load_state_dict(state)
 
 
 def _restore_random_states(

@@ -227,7 +227,6 @@ def test_sgd_drops_sharpness_options():
         ({"prior_split": 1.0}, r"--prior-split 1.0 is outside \(0, 1\)"),
         ({"perturbation": "local"}, r"--perturbation local is not available yet"),
         ({"parallel": True}, r"--parallel is not available yet"),
-        ({"amp": "bf16"}, r"--amp bf16 is not available yet"),
     ],
 )
 def test_invalid_options(options, message):
