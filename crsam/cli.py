@@ -113,6 +113,10 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     optim.add_argument("--momentum", type=_float, help=f"SGD momentum in [0, 1) [{DEFAULTS['momentum']}]")
     optim.add_argument("--weight-decay", type=_float, help=f"SGD's L2 penalty, >= 0 [{DEFAULTS['weight_decay']}]")
     optim.add_argument("--batch-size", type=_int, metavar="N", help=f"examples per step [{DEFAULTS['batch_size']}]")
+    optim.add_argument("--accumulation-steps", type=_int, metavar="K",
+                       help="split each batch into K micro-batches and accumulate their gradients, which saves "
+                       "memory and keeps the update of the whole batch (BatchNorm sees micro-batches) "
+                       f"[{DEFAULTS['accumulation_steps']}]")
     optim.add_argument("--epochs", type=_int, metavar="N", help=f"passes over the training set [{DEFAULTS['epochs']}]")
     optim.add_argument("--seed", type=_int, help=f"seed of the initial weights and the data order [{DEFAULTS['seed']}]")
     optim.add_argument("--perturbation", metavar="KIND",

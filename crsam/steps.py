@@ -11,6 +11,17 @@ float16 needs loss scaling, because small gradients underflow to 0 in float16 ot
   then ``scaler.step(optimizer)`` and ``scaler.update()``.
 
 bfloat16 has float32's exponent range, so it needs no scaler.
+
+Gradient accumulation (``--accumulation-steps K``) splits each batch of B examples into K
+micro-batches of sizes that differ by at most one (``torch.tensor_split``) and runs forward and
+backward on each in turn inside the closure. Micro-batch i with n_i examples contributes
+(n_i / B) times its mean loss, so the accumulated gradient is the gradient of the batch's mean
+loss, as without accumulation, while only one micro-batch's activations are alive at a time. SAM
+and CR-SAM call the closure once per pass (at w, w + eps and w - eps), so each of their gradients
+is accumulated over all micro-batches before they combine them.
+
+NOTE: BatchNorm normalizes each micro-batch by its own statistics and updates its running
+statistics once per micro-batch, so with BatchNorm the result differs from the full batch's.
 """
 
 from __future__ import annotations
@@ -27,13 +38,15 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class StepRecipe:
-    """Settings of each training step: autocast dtype and loss scaler."""
+    """Settings of each training step: autocast dtype, loss scaler and micro-batches."""
 
     device_type: str
     # The autocast dtype, or None for float32 throughout.
     amp_dtype: torch.dtype | None = None
     # Loss scaler of float16 training, or None.
     scaler: torch.amp.GradScaler | None = None
+    # Micro-batches per batch, accumulated inside the closure.
+    accumulation_steps: int = 1
 
 
 def build_scaler(amp: str | None, device: torch.device) -> torch.amp.GradScaler | None:
@@ -50,6 +63,7 @@ def build_step_recipe(config: dict, device: torch.device, scaler: torch.amp.Grad
         device_type=device.type,
         amp_dtype=None if amp is None else AMP_DTYPES[amp],
         scaler=scaler,
+        accumulation_steps=config.get("accumulation_steps") or 1,
     )
 
 
@@ -62,17 +76,30 @@ def make_closure(
 ) -> Callable[[], torch.Tensor]:
     """Return the closure of one step on the batch (x, y): zero the gradients, forward, backward.
 
-    The closure returns the unscaled mean loss of the batch, detached. With a scaler the
-    backward pass runs on the scaled loss.
+    The closure accumulates the gradient of the batch's mean loss over ``recipe``'s micro-batches
+    and returns that mean loss, unscaled and detached. With a scaler each backward pass runs on
+    the scaled loss.
     """
+    batch_size = y.shape[0]
+    micro_batches = [
+        (x_part, y_part)
+        for x_part, y_part in zip(torch.tensor_split(x, recipe.accumulation_steps), torch.tensor_split(y, recipe.accumulation_steps))
+        if y_part.shape[0] > 0
+    ]
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(recipe.device_type, dtype=recipe.amp_dtype, enabled=recipe.amp_dtype is not None):
-            loss = F.cross_entropy(model(x), y)
-        backward_loss = loss if recipe.scaler is None else recipe.scaler.scale(loss)
-        backward_loss.backward()
-        return loss.detach()
+        total = None
+        for x_part, y_part in micro_batches:
+            with torch.autocast(recipe.device_type, dtype=recipe.amp_dtype, enabled=recipe.amp_dtype is not None):
+                loss = F.cross_entropy(model(x_part), y_part)
+            if len(micro_batches) > 1:
+                # The micro-batch's share of the batch's mean loss.
+                loss = loss * (y_part.shape[0] / batch_size)
+            backward_loss = loss if recipe.scaler is None else recipe.scaler.scale(loss)
+            backward_loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        return total
 
     return closure
 

@@ -94,6 +94,7 @@ DEFAULTS: dict[str, Any] = {
     "momentum": 0.9,
     "weight_decay": 5e-4,
     "batch_size": 128,
+    "accumulation_steps": 1,
     "epochs": 60,
     "seed": 0,
     "prior_split": None,
@@ -240,6 +241,12 @@ def check_options(config: dict[str, Any]) -> None:
 
     # Counts.
     _check_count(config, "batch_size", minimum=1, example="128")
+    _check_count(config, "accumulation_steps", minimum=1, example="2")
+    if config["accumulation_steps"] > config["batch_size"]:
+        raise UsageError(
+            f"--accumulation-steps {config['accumulation_steps']} is larger than --batch-size {config['batch_size']}, "
+            "so some micro-batches would be empty; pass at most the batch size, such as 2 or 4"
+        )
     _check_count(config, "epochs", minimum=1, example="60")
     _check_count(config, "seed", minimum=0, example="0")
     if config["num_samples"] is not None:
