@@ -113,6 +113,16 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     optim.add_argument("--momentum", type=_float, help=f"SGD momentum in [0, 1) [{DEFAULTS['momentum']}]")
     optim.add_argument("--weight-decay", type=_float, help=f"SGD's L2 penalty, >= 0 [{DEFAULTS['weight_decay']}]")
     optim.add_argument("--batch-size", type=_int, metavar="N", help=f"examples per step [{DEFAULTS['batch_size']}]")
+    optim.add_argument("--warmup-epochs", type=_int, metavar="N",
+                       help="raise the learning rate linearly over the first N epochs, step by step, then decay "
+                       "it by a cosine over the rest, stepped per step; 0 keeps the per-epoch cosine "
+                       f"[{DEFAULTS['warmup_epochs']}]")
+    optim.add_argument("--label-smoothing", type=_float, metavar="EPS",
+                       help="train on targets (1 - EPS) one-hot + EPS uniform, in [0, 1); evaluation and "
+                       f"curvature use the plain cross-entropy [{DEFAULTS['label_smoothing']}]")
+    optim.add_argument("--compile", action="store_true", default=None,
+                       help="run the training passes through torch.compile (slow to start, faster per step "
+                       "on GPUs) [off]")
     optim.add_argument("--accumulation-steps", type=_int, metavar="K",
                        help="split each batch into K micro-batches and accumulate their gradients, which saves "
                        "memory and keeps the update of the whole batch (BatchNorm sees micro-batches) "

@@ -20,6 +20,10 @@ loss, as without accumulation, while only one micro-batch's activations are aliv
 and CR-SAM call the closure once per pass (at w, w + eps and w - eps), so each of their gradients
 is accumulated over all micro-batches before they combine them.
 
+Label smoothing (``--label-smoothing EPS``) trains on the cross-entropy against the targets
+(1 - EPS) one-hot + EPS / C uniform over the C classes, as ``F.cross_entropy(label_smoothing=EPS)``
+defines it. Evaluation and curvature measurements use the plain cross-entropy.
+
 NOTE: BatchNorm normalizes each micro-batch by its own statistics and updates its running
 statistics once per micro-batch, so with BatchNorm the result differs from the full batch's.
 """
@@ -35,6 +39,10 @@ from torch import nn
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
+# Backend of ``--compile``: torch.compile's default, which generates fused C++ or Triton kernels.
+# Tests replace it by "aot_eager", which traces the same graphs in seconds without generating code.
+COMPILE_BACKEND = "inductor"
+
 
 @dataclass
 class StepRecipe:
@@ -47,6 +55,8 @@ class StepRecipe:
     scaler: torch.amp.GradScaler | None = None
     # Micro-batches per batch, accumulated inside the closure.
     accumulation_steps: int = 1
+    # Weight of the uniform distribution in the training targets.
+    label_smoothing: float = 0.0
 
 
 def build_scaler(amp: str | None, device: torch.device) -> torch.amp.GradScaler | None:
@@ -64,7 +74,17 @@ def build_step_recipe(config: dict, device: torch.device, scaler: torch.amp.Grad
         amp_dtype=None if amp is None else AMP_DTYPES[amp],
         scaler=scaler,
         accumulation_steps=config.get("accumulation_steps") or 1,
+        label_smoothing=config.get("label_smoothing") or 0.0,
     )
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """Return ``torch.compile(model)`` for the training passes; it shares the model's parameters.
+
+    The run keeps the eager ``model`` for evaluation, curvature and ``state_dict``, whose keys
+    the compiled wrapper would prefix with ``_orig_mod.``.
+    """
+    return torch.compile(model, backend=COMPILE_BACKEND)
 
 
 def make_closure(
@@ -92,7 +112,7 @@ def make_closure(
         total = None
         for x_part, y_part in micro_batches:
             with torch.autocast(recipe.device_type, dtype=recipe.amp_dtype, enabled=recipe.amp_dtype is not None):
-                loss = F.cross_entropy(model(x_part), y_part)
+                loss = F.cross_entropy(model(x_part), y_part, label_smoothing=recipe.label_smoothing)
             if len(micro_batches) > 1:
                 # The micro-batch's share of the batch's mean loss.
                 loss = loss * (y_part.shape[0] / batch_size)

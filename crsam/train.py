@@ -57,7 +57,7 @@ from crsam.data import (
 )
 from crsam.errors import UsageError
 from crsam.models import ACTIVATIONS, MODEL_CHOICES, build_model, count_parameters
-from crsam.steps import StepRecipe, build_scaler, build_step_recipe, make_closure, take_step
+from crsam.steps import StepRecipe, build_scaler, build_step_recipe, compile_model, make_closure, take_step
 from crsam.tracking import (
     CURVATURE_BATCH_SIZE,
     CURVATURE_METHOD,
@@ -96,6 +96,9 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 128,
     "accumulation_steps": 1,
     "epochs": 60,
+    "warmup_epochs": 0,
+    "label_smoothing": 0.0,
+    "compile": False,
     "seed": 0,
     "prior_split": None,
     "cutout": None,
@@ -120,7 +123,7 @@ DEFAULT_ACTIVATION = {
     "mlp": "gelu", "cnn1d": "gelu", "resnet18": "relu", "resnet50": "relu", "wrn28_10": "relu", "vit": "gelu",
 }
 
-# Which models read which data: MNIST-1D sequences of length 40 or 3x32x32 CIFAR images.
+# Data sets and the models that read them: MNIST-1D sequences of length 40, or 3x32x32 CIFAR images.
 SEQUENCE_DATA = ("mnist1d",)
 SEQUENCE_MODELS = ("mlp", "cnn1d")
 IMAGE_DATA = tuple(CIFAR_SPECS)
@@ -231,6 +234,8 @@ def check_options(config: dict[str, Any]) -> None:
     _check_real(config, "lr", minimum=0.0, exclusive=True, example="0.1", value_description="a learning rate")
     _check_real(config, "momentum", minimum=0.0, maximum=1.0, example="0.9", value_description="a momentum")
     _check_real(config, "weight_decay", minimum=0.0, example="5e-4", value_description="an L2 penalty")
+    _check_real(config, "label_smoothing", minimum=0.0, maximum=1.0, example="0.1",
+                value_description="a label-smoothing weight")
     alpha, beta = config["alpha"], config["beta"]
     if alpha is not None and beta is not None and max(2.0 * alpha, 1.0 + alpha + beta) > FLOAT32_MAX:
         # CR-SAM scales float32 gradients by 2 alpha and 1 + alpha + beta.
@@ -248,6 +253,14 @@ def check_options(config: dict[str, Any]) -> None:
             "so some micro-batches would be empty; pass at most the batch size, such as 2 or 4"
         )
     _check_count(config, "epochs", minimum=1, example="60")
+    _check_count(config, "warmup_epochs", minimum=0, example="5")
+    if config["warmup_epochs"] >= config["epochs"]:
+        raise UsageError(
+            f"--warmup-epochs {config['warmup_epochs']} leaves no epoch of the cosine decay in --epochs "
+            f"{config['epochs']}; pass fewer warmup epochs than epochs, such as 5 of 200"
+        )
+    if not isinstance(config.get("compile", False), bool):
+        raise UsageError(f"--compile {config['compile']!r} is not a flag; pass --compile or leave it out")
     _check_count(config, "seed", minimum=0, example="0")
     if config["num_samples"] is not None:
         if config["data"] != "mnist1d":
@@ -406,9 +419,63 @@ def build_optimizer(config: dict[str, Any], model: nn.Module) -> torch.optim.Opt
     )
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Return a cosine schedule from the initial learning rate towards 0 over ``epochs``, stepped per epoch."""
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    *,
+    warmup_epochs: int = 0,
+    steps_per_epoch: int = 1,
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Return the learning-rate schedule: cosine decay, after a linear warmup when ``warmup_epochs`` > 0.
+
+    Without warmup the cosine runs from the initial rate towards 0 over ``epochs`` and is stepped
+    per epoch. With warmup the schedule is stepped per optimizer step, with the factor
+    :func:`warmup_cosine_factor` of the initial rate.
+    """
+    if warmup_epochs == 0:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    warmup_steps = warmup_epochs * steps_per_epoch
+    total_steps = epochs * steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine_factor(step, warmup_steps=warmup_steps, total_steps=total_steps)
+    )
+
+
+def warmup_cosine_factor(step: int, *, warmup_steps: int, total_steps: int) -> float:
+    """Return the learning rate of optimizer step ``step`` (counted from 0) over the initial rate.
+
+    The first ``warmup_steps`` steps rise linearly, (step + 1) / warmup_steps, up to 1. The
+    remaining T = total_steps - warmup_steps steps follow the cosine (1 + cos(pi t / T)) / 2 with
+    t = step - warmup_steps, from 1 towards 0 (its last value is (1 + cos(pi (T - 1) / T)) / 2 > 0).
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def schedule_per_step(config: dict[str, Any]) -> bool:
+    """Return whether the run's schedule is stepped after every optimizer step (with warmup)."""
+    return bool(config.get("warmup_epochs"))
+
+
+def _build_run_scheduler(
+    config: dict[str, Any], optimizer: torch.optim.Optimizer, num_train: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Build the schedule of a run's ``config`` for ``num_train`` training examples."""
+    return build_scheduler(
+        optimizer,
+        config["epochs"],
+        warmup_epochs=config.get("warmup_epochs") or 0,
+        steps_per_epoch=math.ceil(num_train / config["batch_size"]),
+    )
+
+
+def describe_schedule(config: dict[str, Any]) -> str:
+    """Return a one-line description of the run's learning-rate schedule, for ``config.json``."""
+    if schedule_per_step(config):
+        return f"linear warmup over {config['warmup_epochs']} epochs, then cosine, stepped per step"
+    return "cosine, stepped per epoch"
 
 
 def build_run_model(config: dict[str, Any], data: Dataset | CifarData) -> nn.Module:
@@ -492,11 +559,14 @@ def train_one_epoch(
     epoch: int,
     augmentation: torch.Generator | None = None,
     recipe: StepRecipe | None = None,
+    step_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> None:
     """Run one pass over the training set in an order drawn from ``generator``.
 
-    ``augmentation`` supplies the random draws of image augmentation, and ``recipe`` sets mixed
-    precision (default: float32 on the model's device). Every optimizer is driven through
+    ``augmentation`` supplies the random draws of image augmentation, ``recipe`` sets mixed
+    precision, micro-batches and label smoothing (default: float32, one pass per batch), and
+    ``step_scheduler``, when given, is stepped after every optimizer step. ``model`` may be the
+    compiled form of the run's model. Every optimizer is driven through
     ``step(closure)``, the torch convention that SAM and CR-SAM need. Raises UsageError when a
     loss becomes NaN or infinite, naming the epoch and the flags to lower.
     """
@@ -519,6 +589,8 @@ def train_one_epoch(
                 f"training diverged in epoch {epoch}, step {step}: the loss is {float(loss.detach())}; "
                 "lower --lr and train again"
             )
+        if step_scheduler is not None:
+            step_scheduler.step()
 
 
 def curvature_splits(config: dict[str, Any], data: TrainingData) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -571,6 +643,8 @@ class RunState:
     data: Dataset | CifarData
     device_data: TrainingData
     model: nn.Module
+    # The module the training passes call: torch.compile(model) with --compile, else model.
+    training_model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     data_order: torch.Generator
@@ -724,8 +798,9 @@ def _run_epoch(state: RunState) -> dict[str, Any]:
     lr = float(state.optimizer.param_groups[0]["lr"])
 
     # Updates, then the schedule's next learning rate.
+    per_step = schedule_per_step(state.config)
     train_one_epoch(
-        state.model,
+        state.training_model,
         state.optimizer,
         state.device_data,
         batch_size=state.config["batch_size"],
@@ -733,8 +808,10 @@ def _run_epoch(state: RunState) -> dict[str, Any]:
         epoch=epoch,
         augmentation=state.augmentation,
         recipe=state.recipe,
+        step_scheduler=state.scheduler if per_step else None,
     )
-    state.scheduler.step()
+    if not per_step:
+        state.scheduler.step()
 
     # Metrics at the weights w that the checkpoint will hold.
     data = state.device_data
@@ -801,7 +878,7 @@ def _new_state(options: dict[str, Any], out: Path, *, overwrite: bool) -> RunSta
     prior = _describe_prior(model, seed=config["seed"], split=split)
     model.to(device)
     optimizer = build_optimizer(config, model)
-    scheduler = build_scheduler(optimizer, config["epochs"])
+    scheduler = _build_run_scheduler(config, optimizer, len(data.y_train))
     data_order = torch.Generator().manual_seed(config["seed"])
     augmentation = torch.Generator().manual_seed(augmentation_seed(config["seed"]))
     if device.type == "cuda":
@@ -819,14 +896,15 @@ def _new_state(options: dict[str, Any], out: Path, *, overwrite: bool) -> RunSta
         "n_test": len(data.y_test),
         "parameters": count_parameters(model),
         "device_used": str(device),
-        "schedule": "cosine, stepped per epoch",
+        "schedule": describe_schedule(config),
         "curvature_tracking": describe_curvature_tracking(config),
         "prior": {key: value for key, value in prior.items() if key != "state"},
     }
     created = _create_folder(out)
     new_run = NewRunFiles(config_record, existing, created)
-    return RunState(config, data, device_data, model, optimizer, scheduler, data_order, augmentation, scaler, prior,
-                    [], 0, new_run)
+    training_model = compile_model(model) if config["compile"] else model
+    return RunState(config, data, device_data, model, training_model, optimizer, scheduler, data_order, augmentation,
+                    scaler, prior, [], 0, new_run)
 
 
 def _resume_state(options: dict[str, Any], out: Path) -> RunState:
@@ -864,7 +942,7 @@ def _resume_state(options: dict[str, Any], out: Path) -> RunState:
     model = build_run_model(config, data)
     model.to(device)
     optimizer = build_optimizer(config, model)
-    scheduler = build_scheduler(optimizer, config["epochs"])
+    scheduler = _build_run_scheduler(config, optimizer, len(data.y_train))
     data_order = torch.Generator()
     augmentation = torch.Generator().manual_seed(augmentation_seed(config["seed"]))
     scaler = build_scaler(config["amp"], device)
@@ -883,8 +961,9 @@ def _resume_state(options: dict[str, Any], out: Path) -> RunState:
 
     metrics = list(payload["metrics"])
     device_data = TrainingData(data, device=device, cutout=config["cutout"])
-    return RunState(config, data, device_data, model, optimizer, scheduler, data_order, augmentation, scaler,
-                    payload["prior"], metrics, payload["epoch"])
+    training_model = compile_model(model) if config["compile"] else model
+    return RunState(config, data, device_data, model, training_model, optimizer, scheduler, data_order, augmentation,
+                    scaler, payload["prior"], metrics, payload["epoch"])
 
 
 def _restore_scaler(scaler: torch.amp.GradScaler, state: Any) -> None:
