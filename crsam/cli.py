@@ -130,7 +130,8 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     optim.add_argument("--epochs", type=_int, metavar="N", help=f"passes over the training set [{DEFAULTS['epochs']}]")
     optim.add_argument("--seed", type=_int, help=f"seed of the initial weights and the data order [{DEFAULTS['seed']}]")
     optim.add_argument("--perturbation", metavar="KIND",
-                       help="global (one norm over all parameters); local is not available yet [global]")
+                       help="which gradient SAM and CR-SAM perturb along under DDP: global (averaged over "
+                       "processes) or local (each process's own); in one process both give the same update [global]")
     optim.add_argument("--parallel", action="store_true", default=None, help="not available yet")
     optim.add_argument("--amp", metavar="DTYPE",
                        help="mixed precision: forward passes under autocast in bf16 or fp16 (fp16 with a "

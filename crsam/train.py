@@ -289,8 +289,11 @@ def check_options(config: dict[str, Any]) -> None:
         raise UsageError(
             f"--perturbation {config['perturbation']!r} is unknown; choose one of {', '.join(PERTURBATION_CHOICES)}"
         )
-    if config["perturbation"] == "local":
-        raise UsageError("--perturbation local is not available yet; use --perturbation global (the default)")
+    if config["perturbation"] == "local" and config["optimizer"] == "sgd":
+        raise UsageError(
+            "--perturbation local has no effect with --optimizer sgd, which does not perturb; "
+            "drop --perturbation or pass --optimizer sam or crsam"
+        )
     if config["parallel"]:
         raise UsageError("--parallel is not available yet; train in one process without --parallel")
     if config["amp"] is not None and config["amp"] not in AMP_CHOICES:
@@ -406,8 +409,14 @@ def build_optimizer(config: dict[str, Any], model: nn.Module) -> torch.optim.Opt
     # Imported here so that a run with plain SGD does not need the sharpness-aware module.
     from crsam.optim import CRSAM, SAM
 
+    # "local" perturbs each DDP process by its own gradient. In one process the gradient at w is
+    # the batch's whole gradient either way, so both values give the same update.
+    perturbation = config.get("perturbation") or "global"
     if config["optimizer"] == "sam":
-        return SAM(model.parameters(), torch.optim.SGD, rho=config["rho"], model=model, **sgd_options)
+        return SAM(
+            model.parameters(), torch.optim.SGD, rho=config["rho"], model=model, perturbation=perturbation,
+            **sgd_options,
+        )
     return CRSAM(
         model.parameters(),
         torch.optim.SGD,
@@ -415,6 +424,7 @@ def build_optimizer(config: dict[str, Any], model: nn.Module) -> torch.optim.Opt
         alpha=config["alpha"],
         beta=config["beta"],
         model=model,
+        perturbation=perturbation,
         **sgd_options,
     )
 

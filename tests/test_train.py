@@ -225,10 +225,32 @@ def test_sgd_drops_sharpness_options():
                                r"pass --model resnet18, resnet50, wrn28_10, vit"),
         ({"data": "cifar10", "model": "cnn1d"}, r"--model cnn1d takes MNIST-1D sequences"),
         ({"prior_split": 1.0}, r"--prior-split 1.0 is outside \(0, 1\)"),
-        ({"perturbation": "local"}, r"--perturbation local is not available yet"),
+        ({"perturbation": "local", "optimizer": "sgd"}, r"--perturbation local has no effect with --optimizer sgd"),
+        ({"perturbation": "ball"}, r"--perturbation 'ball' is unknown; choose one of global, local"),
         ({"parallel": True}, r"--parallel is not available yet"),
     ],
 )
 def test_invalid_options(options, message):
     with pytest.raises(UsageError, match=message):
         resolve_options(options)
+
+
+@pytest.mark.parametrize("optimizer", ["sam", "crsam"])
+def test_local_perturbation_equals_global_in_one_process(tmp_path, optimizer):
+    # Without DDP every process is the only one, so its own gradient is the averaged gradient.
+    train(tiny(optimizer=optimizer, epochs=2), out=tmp_path / "global", progress=False)
+    train(tiny(optimizer=optimizer, epochs=2, perturbation="local"), out=tmp_path / "local", progress=False)
+    first = load_checkpoint(tmp_path / "global" / "checkpoint.pt")
+    second = load_checkpoint(tmp_path / "local" / "checkpoint.pt")
+    assert second["config"]["perturbation"] == "local"
+    for key, value in first["model"].items():
+        assert torch.equal(second["model"][key], value), key
+    assert without_seconds(second["metrics"]) == without_seconds(first["metrics"])
+
+
+def test_local_perturbation_reaches_optimizer():
+    from crsam.models import build_model
+    from crsam.train import build_optimizer
+
+    optimizer = build_optimizer(resolve_options({"perturbation": "local"}), build_model("mlp"))
+    assert optimizer.perturbation == "local"
