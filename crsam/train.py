@@ -337,7 +337,12 @@ def _check_image_options(config: dict[str, Any]) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """Return the torch device that ``--device`` names; ``auto`` is CUDA when it is available."""
+    """Return the torch device that ``--device`` names; ``auto`` is CUDA when it is available.
+
+    NOTE: the test suite runs on CPUs only. The CUDA paths (data and model placement, the CUDA
+    random state in checkpoints, GradScaler on "cuda") are written for GPUs but untested there;
+    benchmarks/gpu_check.sh exercises the training step on a GPU.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
