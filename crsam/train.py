@@ -339,8 +339,8 @@ def _check_image_options(config: dict[str, Any]) -> None:
 def resolve_device(name: str) -> torch.device:
     """Return the torch device that ``--device`` names; ``auto`` is CUDA when it is available.
 
-    NOTE: the test suite runs on CPUs only. The CUDA paths (data and model placement, the CUDA
-    random state in checkpoints, GradScaler on "cuda") are written for GPUs but untested there;
+    NOTE: the test suite runs on CPUs only, so the CUDA paths are untested: data and model
+    placement, the CUDA random state in checkpoints and GradScaler on "cuda".
     benchmarks/gpu_check.sh exercises the training step on a GPU.
     """
     if name == "auto":
