@@ -14,8 +14,9 @@ and dicts), so loading it never runs code from the file. Its keys:
   examples held out for a data-dependent prior).
 - ``optimizer`` and ``scheduler``: their ``state_dict``s.
 - ``metrics``: the list of per-epoch metric dicts so far.
-- ``rng``: ``torch`` (the global CPU generator state) and ``data_order`` (the state of the
-  generator that shuffles the training set), both uint8 tensors.
+- ``rng``: ``torch`` (the global CPU generator state), ``data_order`` (the state of the
+  generator that shuffles the training set), ``augmentation`` (the generator of CIFAR's random
+  crops, flips and Cutout squares) and, for runs on a GPU, ``cuda``, all uint8 tensors.
 """
 
 from __future__ import annotations

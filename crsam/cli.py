@@ -81,7 +81,8 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     data = train.add_argument_group("data")
     data.add_argument("--data", metavar="NAME", help=f"data set: mnist1d, cifar10 or cifar100 [{DEFAULTS['data']}]")
     data.add_argument("--data-dir", metavar="PATH",
-                      help="folder with the data set's files (must exist; MNIST-1D is generated and does not read it)")
+                      help="folder with the CIFAR 'python version' archive or its extracted folder "
+                      "(must exist; MNIST-1D is generated and does not read it)")
     data.add_argument("--num-samples", type=_int, metavar="N",
                       help="MNIST-1D examples to generate, a multiple of 10, split 80/20 into train and test [5000]")
     data.add_argument("--data-seed", type=_int, metavar="SEED",
@@ -89,12 +90,20 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
                       f"same distribution [{DEFAULTS['data_seed']}]")
     data.add_argument("--prior-split", type=_float, metavar="FRACTION",
                       help="fraction of the training set held out for a data-dependent prior, in (0, 1) [none]")
+    data.add_argument("--cutout", type=_int, metavar="SIZE",
+                      help="CIFAR only: zero one random SIZE x SIZE square per training image (Cutout), "
+                      "after the random crop with 4 pixels of padding and the horizontal flip [off]")
 
     model = train.add_argument_group("model")
     model.add_argument("--model", metavar="NAME",
-                       help=f"mlp or cnn1d (resnet18, resnet50, wrn28_10 and vit are not available yet) [{DEFAULTS['model']}]")
+                       help="mlp or cnn1d for MNIST-1D; resnet18, resnet50, wrn28_10 or vit for CIFAR "
+                       f"[{DEFAULTS['model']}]")
     model.add_argument("--activation", metavar="NAME",
-                       help=f"relu, gelu, tanh, softplus or silu [{DEFAULTS['activation']}]")
+                       help="relu, gelu, tanh, softplus or silu [gelu for mlp, cnn1d and vit, relu for the ResNets]")
+    model.add_argument("--width", type=_int, metavar="N",
+                       help="channels of the first stage of resnet18 and resnet50, doubled in each later stage [64]")
+    model.add_argument("--device", metavar="NAME",
+                       help="cpu, cuda, or auto (cuda when torch finds a GPU, else cpu) [auto]")
 
     optim = train.add_argument_group("optimizer")
     optim.add_argument("--optimizer", metavar="NAME", help=f"sgd, sam or crsam, each with SGD as the base optimizer [{DEFAULTS['optimizer']}]")
@@ -102,16 +111,34 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     optim.add_argument("--alpha", type=_float, help=f"crsam's weight of the curvature term, >= 0 [{DEFAULTS['alpha']}]")
     optim.add_argument("--beta", type=_float, help=f"crsam's weight of the gradient-norm term, >= 0 [{DEFAULTS['beta']}]")
     default_lr = ", ".join(f"{lr} for {model}" for model, lr in DEFAULT_LR.items())
-    optim.add_argument("--lr", type=_float, help=f"initial learning rate, decayed by a cosine schedule [{default_lr}]")
+    optim.add_argument("--lr", type=_float,
+                       help=f"initial learning rate, decayed by a cosine schedule [{default_lr}; vit has none]")
     optim.add_argument("--momentum", type=_float, help=f"SGD momentum in [0, 1) [{DEFAULTS['momentum']}]")
     optim.add_argument("--weight-decay", type=_float, help=f"SGD's L2 penalty, >= 0 [{DEFAULTS['weight_decay']}]")
     optim.add_argument("--batch-size", type=_int, metavar="N", help=f"examples per step [{DEFAULTS['batch_size']}]")
+    optim.add_argument("--warmup-epochs", type=_int, metavar="N",
+                       help="raise the learning rate linearly over the first N epochs, step by step, then decay "
+                       "it by a cosine over the rest, stepped per step; 0 keeps the per-epoch cosine "
+                       f"[{DEFAULTS['warmup_epochs']}]")
+    optim.add_argument("--label-smoothing", type=_float, metavar="EPS",
+                       help="train on targets (1 - EPS) one-hot + EPS uniform, in [0, 1); evaluation and "
+                       f"curvature use the plain cross-entropy [{DEFAULTS['label_smoothing']}]")
+    optim.add_argument("--compile", action="store_true", default=None,
+                       help="run the training passes through torch.compile (slow to start, faster per step "
+                       "on GPUs) [off]")
+    optim.add_argument("--accumulation-steps", type=_int, metavar="K",
+                       help="split each batch into K micro-batches and accumulate their gradients, which saves "
+                       "memory and keeps the update of the whole batch (BatchNorm sees micro-batches) "
+                       f"[{DEFAULTS['accumulation_steps']}]")
     optim.add_argument("--epochs", type=_int, metavar="N", help=f"passes over the training set [{DEFAULTS['epochs']}]")
     optim.add_argument("--seed", type=_int, help=f"seed of the initial weights and the data order [{DEFAULTS['seed']}]")
     optim.add_argument("--perturbation", metavar="KIND",
-                       help="global (one norm over all parameters); local is not available yet [global]")
+                       help="which gradient SAM and CR-SAM perturb along under DDP: global (averaged over "
+                       "processes) or local (each process's own); in one process both give the same update [global]")
     optim.add_argument("--parallel", action="store_true", default=None, help="not available yet")
-    optim.add_argument("--amp", metavar="DTYPE", help="bf16 or fp16 mixed precision; not available yet")
+    optim.add_argument("--amp", metavar="DTYPE",
+                       help="mixed precision: forward passes under autocast in bf16 or fp16 (fp16 with a "
+                       "loss scaler); weights, gradients and evaluation stay float32 [off]")
     optim.add_argument("--track-curvature", type=_int, metavar="EPOCHS",
                        help="every EPOCHS epochs and at the last, log the Hessian trace with its standard error, "
                        "top eigenvalue, gradient norm and normalized trace of the mean cross-entropy (eval mode, "
@@ -215,7 +242,7 @@ def _format_train_table(summary: dict[str, Any]) -> str:
         ("run", summary["out"]),
         ("model", f"{config['model']} ({config['activation']}), {summary['parameters']:,} parameters"),
         ("optimizer", _describe_optimizer(config)),
-        ("data", f"{config['data']}, {config.get('num_samples')} examples, seed {config.get('data_seed')}"),
+        ("data", _describe_data(config)),
         ("epochs", f"{summary['epochs_completed']} of {summary['epochs']}"),
     ]
     if final:
@@ -226,6 +253,12 @@ def _format_train_table(summary: dict[str, Any]) -> str:
     rows.append(("checkpoint", summary["checkpoint"]))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _describe_data(config: dict[str, Any]) -> str:
+    if config["data"] == "mnist1d":
+        return f"{config['data']}, {config.get('num_samples')} examples, seed {config.get('data_seed')}"
+    return f"{config['data']} from {config.get('data_dir')}"
 
 
 def _describe_optimizer(config: dict[str, Any]) -> str:

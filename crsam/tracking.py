@@ -99,7 +99,9 @@ def measure_curvature(
     started = time.perf_counter()
     record: dict[str, Any] = {}
     device = next(model.parameters()).device
-    fork_devices = [device] if device.type == "cuda" else []
+    fork_devices = []
+    if device.type == "cuda":
+        fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=fork_devices, device_type="cuda"):
         for split, (inputs, targets) in splits.items():
             report = curvature_report(

@@ -14,8 +14,9 @@ each epoch's updates, a separate pass over the whole training set in eval mode e
 model, exactly as the test set is evaluated. The metrics therefore describe the weights that the
 checkpoint stores, not an average over the epoch's changing weights.
 
-A resumed run restores the model, optimizer, scheduler, the global torch random state and the
-state of the generator that shuffles the training set. On the same machine and torch version it
+A resumed run restores the model, optimizer, scheduler, the global torch random state (and the
+GPU's), the state of the generator that shuffles the training set and that of the generator of
+the image augmentation. On the same machine and torch version it
 therefore reproduces the uninterrupted run bit for bit, apart from ``seconds``.
 """
 
@@ -28,6 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,8 +45,8 @@ from crsam.checkpoint import (
     save_checkpoint,
     write_text_atomic,
 )
+from crsam.cifar import CIFAR_SPECS, OFFICIAL_SIZES, CifarData, load_cifar
 from crsam.data import (
-    AVAILABLE_DATA,
     DATA_CHOICES,
     MNIST1D_MAX_NUM_SAMPLES,
     Dataset,
@@ -54,7 +56,8 @@ from crsam.data import (
     split_for_prior,
 )
 from crsam.errors import UsageError
-from crsam.models import ACTIVATIONS, AVAILABLE_MODELS, MODEL_CHOICES, build_model, count_parameters
+from crsam.models import ACTIVATIONS, MODEL_CHOICES, build_model, count_parameters
+from crsam.steps import StepRecipe, build_scaler, build_step_recipe, compile_model, make_closure, take_step
 from crsam.tracking import (
     CURVATURE_BATCH_SIZE,
     CURVATURE_METHOD,
@@ -64,21 +67,26 @@ from crsam.tracking import (
     is_tracked_epoch,
     measure_curvature,
 )
+from crsam.training_data import TrainingData, cifar_as_float_dataset
+from crsam.vision_models import VISION_MODEL_CHOICES, build_vision_model
 
 OPTIMIZER_CHOICES = ("sgd", "sam", "crsam")
 PERTURBATION_CHOICES = ("global", "local")
 AMP_CHOICES = ("bf16", "fp16")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
 RUN_FILES = ("checkpoint.pt", "config.json", "metrics.jsonl")
 
 # Defaults for MNIST-1D on a CPU. rho, alpha and beta are the defaults of the CR-SAM authors'
-# released code. The learning rate (None here) depends on the model, see DEFAULT_LR.
+# released code. The learning rate and the activation (None here) depend on the model, see
+# DEFAULT_LR and DEFAULT_ACTIVATION.
 DEFAULTS: dict[str, Any] = {
     "data": "mnist1d",
     "data_dir": None,
     "num_samples": None,
     "data_seed": 42,
     "model": "mlp",
-    "activation": "gelu",
+    "activation": None,
+    "width": None,
     "optimizer": "crsam",
     "rho": 0.1,
     "alpha": 0.1,
@@ -87,9 +95,15 @@ DEFAULTS: dict[str, Any] = {
     "momentum": 0.9,
     "weight_decay": 5e-4,
     "batch_size": 128,
+    "accumulation_steps": 1,
     "epochs": 60,
+    "warmup_epochs": 0,
+    "label_smoothing": 0.0,
+    "compile": False,
     "seed": 0,
     "prior_split": None,
+    "cutout": None,
+    "device": "auto",
     "perturbation": "global",
     "parallel": False,
     "amp": None,
@@ -100,7 +114,26 @@ DEFAULTS: dict[str, Any] = {
 # Initial learning rate per model. In a sweep over 0.05 to 2 (60 epochs, momentum 0.9, GELU,
 # 1-2 seeds) the MLP's test accuracy on MNIST-1D peaked at 0.5. cnn1d fell to chance accuracy
 # at 0.5 and did best at 0.2 of the rates 0.1, 0.2 and 0.5.
-DEFAULT_LR = {"mlp": 0.5, "cnn1d": 0.2}
+# The CIFAR networks take 0.1, the usual SGD rate for batches of 128 on CIFAR. The ViT has no
+# default because SGD rates for it vary widely with the recipe.
+DEFAULT_LR = {"mlp": 0.5, "cnn1d": 0.2, "resnet18": 0.1, "resnet50": 0.1, "wrn28_10": 0.1}
+
+# Activation per model: smooth GELU for the MNIST-1D networks, whose Hessian the curvature code
+# measures, and the architectures' standard choices for the CIFAR networks.
+DEFAULT_ACTIVATION = {
+    "mlp": "gelu", "cnn1d": "gelu", "resnet18": "relu", "resnet50": "relu", "wrn28_10": "relu", "vit": "gelu",
+}
+
+# Data sets and the models that read them: MNIST-1D sequences of length 40, or 3x32x32 CIFAR images.
+SEQUENCE_DATA = ("mnist1d",)
+SEQUENCE_MODELS = ("mlp", "cnn1d")
+IMAGE_DATA = tuple(CIFAR_SPECS)
+
+# Models whose base channel count --width sets (64 in the standard networks).
+WIDTH_MODELS = ("resnet18", "resnet50")
+
+# Split sizes that a CIFAR folder must have; None accepts any, for small folders in tests.
+CIFAR_SPLIT_SIZES: tuple[int, int] | None = OFFICIAL_SIZES
 
 # Options that only some optimizers use; passing one to another optimizer is an error.
 OPTIMIZER_OPTIONS = {"sgd": (), "sam": ("rho",), "crsam": ("rho", "alpha", "beta")}
@@ -153,7 +186,13 @@ def resolve_options(explicit: dict[str, Any]) -> dict[str, Any]:
 
     if config["lr"] is None and config["model"] in DEFAULT_LR:
         config["lr"] = DEFAULT_LR[config["model"]]
+    if config["activation"] is None and config["model"] in DEFAULT_ACTIVATION:
+        config["activation"] = DEFAULT_ACTIVATION[config["model"]]
     check_options(config)
+    if config["lr"] is None:
+        raise UsageError(
+            f"--model {config['model']} has no default learning rate; pass --lr, such as --lr 0.01"
+        )
     if config["data"] == "mnist1d" and config["num_samples"] is None:
         config["num_samples"] = 5000
     return config
@@ -179,21 +218,15 @@ def check_options(config: dict[str, Any]) -> None:
         )
     if config["data"] not in DATA_CHOICES:
         raise UsageError(f"--data {config['data']!r} is unknown; choose one of {', '.join(DATA_CHOICES)}")
-    if config["data"] not in AVAILABLE_DATA:
-        raise UsageError(
-            f"--data {config['data']} is not available yet; use --data mnist1d, which is generated locally"
-        )
     if config["model"] not in MODEL_CHOICES:
-        raise UsageError(f"--model {config['model']!r} is unknown; choose one of {', '.join(AVAILABLE_MODELS)}")
-    if config["model"] not in AVAILABLE_MODELS:
-        raise UsageError(
-            f"--model {config['model']} is not available yet; choose one of {', '.join(AVAILABLE_MODELS)}"
-        )
+        raise UsageError(f"--model {config['model']!r} is unknown; choose one of {', '.join(MODEL_CHOICES)}")
+    _check_model_fits_data(config)
     if config["activation"] not in ACTIVATIONS:
         raise UsageError(
             f"--activation {config['activation']!r} is unknown; choose one of {', '.join(ACTIVATIONS)}"
         )
     check_data_dir(config["data_dir"])
+    _check_image_options(config)
 
     # Real-valued hyperparameters: finite, and each within its range.
     _check_real(config, "rho", minimum=0.0, example="0.1", value_description="a perturbation radius")
@@ -202,6 +235,8 @@ def check_options(config: dict[str, Any]) -> None:
     _check_real(config, "lr", minimum=0.0, exclusive=True, example="0.1", value_description="a learning rate")
     _check_real(config, "momentum", minimum=0.0, maximum=1.0, example="0.9", value_description="a momentum")
     _check_real(config, "weight_decay", minimum=0.0, example="5e-4", value_description="an L2 penalty")
+    _check_real(config, "label_smoothing", minimum=0.0, maximum=1.0, example="0.1",
+                value_description="a label-smoothing weight")
     alpha, beta = config["alpha"], config["beta"]
     if alpha is not None and beta is not None and max(2.0 * alpha, 1.0 + alpha + beta) > FLOAT32_MAX:
         # CR-SAM scales float32 gradients by 2 alpha and 1 + alpha + beta.
@@ -212,7 +247,21 @@ def check_options(config: dict[str, Any]) -> None:
 
     # Counts.
     _check_count(config, "batch_size", minimum=1, example="128")
+    _check_count(config, "accumulation_steps", minimum=1, example="2")
+    if config["accumulation_steps"] > config["batch_size"]:
+        raise UsageError(
+            f"--accumulation-steps {config['accumulation_steps']} is larger than --batch-size {config['batch_size']}, "
+            "so some micro-batches would be empty; pass at most the batch size, such as 2 or 4"
+        )
     _check_count(config, "epochs", minimum=1, example="60")
+    _check_count(config, "warmup_epochs", minimum=0, example="5")
+    if config["warmup_epochs"] >= config["epochs"]:
+        raise UsageError(
+            f"--warmup-epochs {config['warmup_epochs']} leaves no epoch of the cosine decay in --epochs "
+            f"{config['epochs']}; pass fewer warmup epochs than epochs, such as 5 of 200"
+        )
+    if not isinstance(config.get("compile", False), bool):
+        raise UsageError(f"--compile {config['compile']!r} is not a flag; pass --compile or leave it out")
     _check_count(config, "seed", minimum=0, example="0")
     if config["num_samples"] is not None:
         if config["data"] != "mnist1d":
@@ -249,15 +298,68 @@ def check_options(config: dict[str, Any]) -> None:
         raise UsageError(
             f"--perturbation {config['perturbation']!r} is unknown; choose one of {', '.join(PERTURBATION_CHOICES)}"
         )
-    if config["perturbation"] == "local":
-        raise UsageError("--perturbation local is not available yet; use --perturbation global (the default)")
+    if config["perturbation"] == "local" and config["optimizer"] == "sgd":
+        raise UsageError(
+            "--perturbation local has no effect with --optimizer sgd, which does not perturb; "
+            "drop --perturbation or pass --optimizer sam or crsam"
+        )
     if config["parallel"]:
         raise UsageError("--parallel is not available yet; train in one process without --parallel")
-    if config["amp"] is not None:
-        if config["amp"] not in AMP_CHOICES:
-            raise UsageError(f"--amp {config['amp']!r} is unknown; choose one of {', '.join(AMP_CHOICES)}")
-        raise UsageError(f"--amp {config['amp']} is not available yet; drop --amp to train in float32")
+    if config["amp"] is not None and config["amp"] not in AMP_CHOICES:
+        raise UsageError(
+            f"--amp {config['amp']!r} is unknown; choose one of {', '.join(AMP_CHOICES)}, or drop --amp to train in float32"
+        )
     _check_curvature_options(config)
+
+
+def _check_model_fits_data(config: dict[str, Any]) -> None:
+    """Raise UsageError when ``--model`` cannot read the inputs of ``--data``, naming the fix."""
+    data, model = config["data"], config["model"]
+    if data in SEQUENCE_DATA and model not in SEQUENCE_MODELS:
+        raise UsageError(
+            f"--model {model} takes 3x32x32 images, but --data {data} has sequences of length 40; "
+            f"pass --model {' or '.join(SEQUENCE_MODELS)}, or --data {' or '.join(IMAGE_DATA)} with --data-dir"
+        )
+    if data in IMAGE_DATA and model not in VISION_MODEL_CHOICES:
+        raise UsageError(
+            f"--model {model} takes MNIST-1D sequences, not the images of --data {data}; "
+            f"pass --model {', '.join(VISION_MODEL_CHOICES)}"
+        )
+
+
+def _check_image_options(config: dict[str, Any]) -> None:
+    """Raise UsageError for an invalid ``--cutout``, ``--width`` or ``--device``."""
+    if config.get("cutout") is not None:
+        if config["data"] not in IMAGE_DATA:
+            raise UsageError(f"--cutout applies to CIFAR images only; drop it for --data {config['data']}")
+        _check_count(config, "cutout", minimum=1, example="16")
+        if config["cutout"] > 32:
+            raise UsageError(f"--cutout {config['cutout']} is larger than the 32-pixel images; pass a side such as 16")
+    if config.get("width") is not None:
+        if config["model"] not in WIDTH_MODELS:
+            raise UsageError(
+                f"--width applies to --model {' and '.join(WIDTH_MODELS)} only; drop it for --model {config['model']}"
+            )
+        _check_count(config, "width", minimum=1, example="64")
+    if config.get("device", "auto") not in DEVICE_CHOICES:
+        raise UsageError(f"--device {config['device']!r} is unknown; choose one of {', '.join(DEVICE_CHOICES)}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """Return the torch device that ``--device`` names; ``auto`` is CUDA when it is available.
+
+    NOTE: the test suite runs on CPUs only, so the CUDA paths are untested: data and model
+    placement, the CUDA random state in checkpoints and GradScaler on "cuda".
+    benchmarks/gpu_check.sh exercises the training step on a GPU.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            "--device cuda was passed, but torch finds no CUDA device (torch.cuda.is_available() is False); "
+            "pass --device cpu, or install a CUDA build of torch on a machine with a GPU"
+        )
+    return torch.device(name)
 
 
 def _check_curvature_options(config: dict[str, Any]) -> None:
@@ -321,8 +423,14 @@ def build_optimizer(config: dict[str, Any], model: nn.Module) -> torch.optim.Opt
     # Imported here so that a run with plain SGD does not need the sharpness-aware module.
     from crsam.optim import CRSAM, SAM
 
+    # "local" perturbs each DDP process by its own gradient. In one process the gradient at w is
+    # the batch's whole gradient either way, so both values give the same update.
+    perturbation = config.get("perturbation") or "global"
     if config["optimizer"] == "sam":
-        return SAM(model.parameters(), torch.optim.SGD, rho=config["rho"], model=model, **sgd_options)
+        return SAM(
+            model.parameters(), torch.optim.SGD, rho=config["rho"], model=model, perturbation=perturbation,
+            **sgd_options,
+        )
     return CRSAM(
         model.parameters(),
         torch.optim.SGD,
@@ -330,17 +438,77 @@ def build_optimizer(config: dict[str, Any], model: nn.Module) -> torch.optim.Opt
         alpha=config["alpha"],
         beta=config["beta"],
         model=model,
+        perturbation=perturbation,
         **sgd_options,
     )
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Return a cosine schedule from the initial learning rate towards 0 over ``epochs``, stepped per epoch."""
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    *,
+    warmup_epochs: int = 0,
+    steps_per_epoch: int = 1,
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Return the learning-rate schedule: cosine decay, after a linear warmup when ``warmup_epochs`` > 0.
+
+    Without warmup the cosine runs from the initial rate towards 0 over ``epochs`` and is stepped
+    per epoch. With warmup the schedule is stepped per optimizer step, with the factor
+    :func:`warmup_cosine_factor` of the initial rate.
+    """
+    if warmup_epochs == 0:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    warmup_steps = warmup_epochs * steps_per_epoch
+    total_steps = epochs * steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine_factor(step, warmup_steps=warmup_steps, total_steps=total_steps)
+    )
 
 
-def build_run_model(config: dict[str, Any], data: Dataset) -> nn.Module:
-    """Build the model ``config`` names, sized for ``data``'s inputs and classes."""
+def warmup_cosine_factor(step: int, *, warmup_steps: int, total_steps: int) -> float:
+    """Return the learning rate of optimizer step ``step`` (counted from 0) over the initial rate.
+
+    The first ``warmup_steps`` steps rise linearly, (step + 1) / warmup_steps, up to 1. The
+    remaining T = total_steps - warmup_steps steps follow the cosine (1 + cos(pi t / T)) / 2 with
+    t = step - warmup_steps, from 1 towards 0 (its last value is (1 + cos(pi (T - 1) / T)) / 2 > 0).
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def schedule_per_step(config: dict[str, Any]) -> bool:
+    """Return whether the run's schedule is stepped after every optimizer step (with warmup)."""
+    return bool(config.get("warmup_epochs"))
+
+
+def _build_run_scheduler(
+    config: dict[str, Any], optimizer: torch.optim.Optimizer, num_train: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Build the schedule of a run's ``config`` for ``num_train`` training examples."""
+    return build_scheduler(
+        optimizer,
+        config["epochs"],
+        warmup_epochs=config.get("warmup_epochs") or 0,
+        steps_per_epoch=math.ceil(num_train / config["batch_size"]),
+    )
+
+
+def describe_schedule(config: dict[str, Any]) -> str:
+    """Return a one-line description of the run's learning-rate schedule, for ``config.json``."""
+    if schedule_per_step(config):
+        return f"linear warmup over {config['warmup_epochs']} epochs, then cosine, stepped per step"
+    return "cosine, stepped per epoch"
+
+
+def build_run_model(config: dict[str, Any], data: Dataset | CifarData) -> nn.Module:
+    """Build the model ``config`` names, sized for ``data``'s inputs and classes, on the CPU."""
+    if config["model"] in VISION_MODEL_CHOICES:
+        options = {} if config.get("width") is None else {"width": config["width"]}
+        return build_vision_model(
+            config["model"], num_classes=data.num_classes, activation=config["activation"], **options
+        )
     return build_model(
         config["model"],
         activation=config["activation"],
@@ -349,8 +517,11 @@ def build_run_model(config: dict[str, Any], data: Dataset) -> nn.Module:
     )
 
 
-def load_run_data(config: dict[str, Any], *, data_dir: str | os.PathLike | None = None) -> Dataset:
-    """Load the data set of a run's ``config``; ``data_dir`` overrides the folder it names."""
+def load_run_data(config: dict[str, Any], *, data_dir: str | os.PathLike | None = None) -> Dataset | CifarData:
+    """Load the data set of a run's ``config``; ``data_dir`` overrides the folder it names.
+
+    CIFAR comes back as ``CifarData`` with uint8 images, and MNIST-1D as a float ``Dataset``.
+    """
     stored_dir = config.get("data_dir")
     if config["data"] == "mnist1d":
         # MNIST-1D is generated in memory, so a stored folder that has since moved does not matter.
@@ -360,6 +531,8 @@ def load_run_data(config: dict[str, Any], *, data_dir: str | os.PathLike | None 
             f"the run's data folder {stored_dir!r} is not an existing folder; "
             "pass --data-dir with the folder's current place"
         )
+    if config["data"] in IMAGE_DATA:
+        return load_cifar(config["data"], stored_dir if data_dir is None else data_dir, expected_sizes=CIFAR_SPLIT_SIZES)
     return load_data(
         config["data"],
         data_dir=stored_dir if data_dir is None else data_dir,
@@ -369,10 +542,17 @@ def load_run_data(config: dict[str, Any], *, data_dir: str | os.PathLike | None 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[float, float]:
     """Return the mean cross-entropy and the accuracy of ``model`` on the data, in eval mode.
 
-    The model's previous train/eval mode is restored afterwards.
+    ``transform`` turns each chunk of stored inputs into model inputs (CIFAR normalizes uint8
+    images). The model's previous train/eval mode is restored afterwards.
     """
     was_training = model.training
     model.eval()
@@ -382,6 +562,8 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> t
         for start in range(0, len(targets), EVAL_BATCH_SIZE):
             x = inputs[start : start + EVAL_BATCH_SIZE]
             y = targets[start : start + EVAL_BATCH_SIZE]
+            if transform is not None:
+                x = transform(x)
             logits = model(x)
             total_loss += F.cross_entropy(logits, y, reduction="sum").item()
             correct += int((logits.argmax(dim=1) == y).sum())
@@ -394,34 +576,36 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> t
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    data: Dataset,
+    data: TrainingData,
     *,
     batch_size: int,
     generator: torch.Generator,
     epoch: int,
+    augmentation: torch.Generator | None = None,
+    recipe: StepRecipe | None = None,
+    step_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> None:
     """Run one pass over the training set in an order drawn from ``generator``.
 
-    Every optimizer is driven through ``step(closure)``, the torch convention that SAM and CR-SAM
-    need. Raises UsageError when a loss becomes NaN or infinite, naming the epoch and the flags to
-    lower.
+    ``augmentation`` supplies the random draws of image augmentation, ``recipe`` sets mixed
+    precision, micro-batches and label smoothing (default: float32, one pass per batch), and
+    ``step_scheduler``, when given, is stepped after every optimizer step. ``model`` may be the
+    compiled form of the run's model. Every optimizer is driven through
+    ``step(closure)``, the torch convention that SAM and CR-SAM need. Raises UsageError when a
+    loss becomes NaN or infinite, naming the epoch and the flags to lower.
     """
     from crsam.optim import NonFiniteLossError
 
+    if recipe is None:
+        recipe = StepRecipe(device_type=data.device.type)
     model.train()
-    order = torch.randperm(len(data.y_train), generator=generator)
+    order = torch.randperm(data.num_train, generator=generator)
     for step, start in enumerate(range(0, len(order), batch_size), start=1):
         batch = order[start : start + batch_size]
-        x, y = data.x_train[batch], data.y_train[batch]
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
+        x, y = data.training_batch(batch, augmentation)
+        closure = make_closure(model, optimizer, x, y, recipe)
         try:
-            loss = optimizer.step(closure)
+            loss = take_step(optimizer, closure, recipe)
         except NonFiniteLossError as error:
             raise UsageError(f"training diverged in epoch {epoch}, step {step}: {error}") from None
         if not torch.isfinite(loss):
@@ -429,14 +613,17 @@ def train_one_epoch(
                 f"training diverged in epoch {epoch}, step {step}: the loss is {float(loss.detach())}; "
                 "lower --lr and train again"
             )
+        if step_scheduler is not None:
+            step_scheduler.step()
 
 
-def curvature_splits(config: dict[str, Any], data: Dataset) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Return the fixed training and test subsets that ``--track-curvature`` measures on."""
+def curvature_splits(config: dict[str, Any], data: TrainingData) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Return the fixed training and test subsets that ``--track-curvature`` measures on, as model inputs."""
     splits = {}
     for split, (inputs, targets) in {"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)}.items():
         indices = curvature_subset_indices(len(targets), config["curvature_samples"], seed=config["seed"], split=split)
-        splits[split] = (inputs[indices], targets[indices])
+        indices = indices.to(inputs.device)
+        splits[split] = (data.model_inputs(inputs[indices]), targets[indices])
     return splits
 
 
@@ -477,11 +664,18 @@ class RunState:
     """Everything that changes during a run and goes into its checkpoint."""
 
     config: dict[str, Any]
-    data: Dataset
+    data: Dataset | CifarData
+    device_data: TrainingData
     model: nn.Module
+    # The module the training passes call: torch.compile(model) with --compile, else model.
+    training_model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     data_order: torch.Generator
+    # Generator of the augmentation's random draws (crop offsets, flips, Cutout squares), on the CPU.
+    augmentation: torch.Generator
+    # Loss scaler of --amp fp16, else None.
+    scaler: torch.amp.GradScaler | None
     prior: dict[str, Any]
     metrics: list[dict[str, Any]]
     epoch: int
@@ -497,13 +691,51 @@ class RunState:
             "epoch": self.epoch,
             "config": self.config,
             "data": self.data.describe(),
-            "model": self.model.state_dict(),
+            "model": to_cpu(self.model.state_dict()),
             "prior": self.prior,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": to_cpu(self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict(),
             "metrics": self.metrics,
-            "rng": {"torch": torch.get_rng_state(), "data_order": self.data_order.get_state()},
+            "rng": self.random_states(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
         }
+
+    @property
+    def recipe(self) -> StepRecipe:
+        """The step settings of this run (mixed precision and its loss scaler)."""
+        return build_step_recipe(self.config, self.device_data.device, self.scaler)
+
+    def random_states(self) -> dict[str, torch.Tensor]:
+        """Return the states of every generator the run draws from, as uint8 tensors."""
+        states = {
+            "torch": torch.get_rng_state(),
+            "data_order": self.data_order.get_state(),
+            "augmentation": self.augmentation.get_state(),
+        }
+        if self.device_data.device.type == "cuda":
+            # Dropout on the GPU draws from the device's generator.
+            states["cuda"] = torch.cuda.get_rng_state(self.device_data.device)
+        return states
+
+
+def to_cpu(value: Any) -> Any:
+    """Return ``value`` with every tensor in its dicts, lists and tuples copied to the CPU.
+
+    Checkpoints hold CPU tensors so that a machine without the training device can read them.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(item) for item in value)
+    return value
+
+
+def augmentation_seed(seed: int) -> int:
+    """Return the seed of a run's augmentation generator, a stream apart from the data order's."""
+    # torch.Generator takes seeds below 2**64, and run seeds are below 2**63.
+    return (seed + 2**63) % 2**64
 
 
 def train(
@@ -590,19 +822,25 @@ def _run_epoch(state: RunState) -> dict[str, Any]:
     lr = float(state.optimizer.param_groups[0]["lr"])
 
     # Updates, then the schedule's next learning rate.
+    per_step = schedule_per_step(state.config)
     train_one_epoch(
-        state.model,
+        state.training_model,
         state.optimizer,
-        state.data,
+        state.device_data,
         batch_size=state.config["batch_size"],
         generator=state.data_order,
         epoch=epoch,
+        augmentation=state.augmentation,
+        recipe=state.recipe,
+        step_scheduler=state.scheduler if per_step else None,
     )
-    state.scheduler.step()
+    if not per_step:
+        state.scheduler.step()
 
     # Metrics at the weights w that the checkpoint will hold.
-    train_loss, train_acc = evaluate(state.model, state.data.x_train, state.data.y_train)
-    test_loss, test_acc = evaluate(state.model, state.data.x_test, state.data.y_test)
+    data = state.device_data
+    train_loss, train_acc = evaluate(state.model, data.x_train, data.y_train, transform=data.input_transform)
+    test_loss, test_acc = evaluate(state.model, data.x_test, data.y_test, transform=data.input_transform)
     if not math.isfinite(train_loss):
         raise UsageError(f"training diverged in epoch {epoch}: the training loss is {train_loss}; lower --lr")
     record = {
@@ -617,7 +855,7 @@ def _run_epoch(state: RunState) -> dict[str, Any]:
     if is_tracked_epoch(epoch, every=state.config["track_curvature"], epochs=state.config["epochs"]):
         # Measured after "seconds", which stays the time of training and evaluation alone.
         record.update(
-            measure_curvature(state.model, curvature_splits(state.config, state.data), seed=state.config["seed"], epoch=epoch)
+            measure_curvature(state.model, curvature_splits(state.config, state.device_data), seed=state.config["seed"], epoch=epoch)
         )
 
     # Metrics first, then the checkpoint: a crash in between leaves metrics.jsonl one epoch
@@ -651,17 +889,26 @@ def _new_state(options: dict[str, Any], out: Path, *, overwrite: bool) -> RunSta
     config["out"] = str(out)
 
     # Data first: it does not touch torch's random state, so the weights depend on the seed alone.
+    device = resolve_device(config["device"])
     data = load_run_data(config)
-    config["data_seed"] = data.generation["seed"]
+    if isinstance(data, Dataset):
+        config["data_seed"] = data.generation["seed"]
     split = split_for_prior(len(data.y_train), config["prior_split"], seed=config["seed"]) if config["prior_split"] else None
 
-    # Seeded initial weights; they are also the prior centre.
+    # Seeded initial weights, built on the CPU so that every device starts from the same ones.
+    # They are also the prior centre.
     torch.manual_seed(config["seed"])
     model = build_run_model(config, data)
     prior = _describe_prior(model, seed=config["seed"], split=split)
+    model.to(device)
     optimizer = build_optimizer(config, model)
-    scheduler = build_scheduler(optimizer, config["epochs"])
+    scheduler = _build_run_scheduler(config, optimizer, len(data.y_train))
     data_order = torch.Generator().manual_seed(config["seed"])
+    augmentation = torch.Generator().manual_seed(augmentation_seed(config["seed"]))
+    if device.type == "cuda":
+        torch.cuda.manual_seed(config["seed"])
+    device_data = TrainingData(data, device=device, cutout=config["cutout"])
+    scaler = build_scaler(config["amp"], device)
 
     # The configuration file records the resolved options and the provenance of the run.
     config_record = {
@@ -672,13 +919,16 @@ def _new_state(options: dict[str, Any], out: Path, *, overwrite: bool) -> RunSta
         "n_train": len(data.y_train),
         "n_test": len(data.y_test),
         "parameters": count_parameters(model),
-        "schedule": "cosine, stepped per epoch",
+        "device_used": str(device),
+        "schedule": describe_schedule(config),
         "curvature_tracking": describe_curvature_tracking(config),
         "prior": {key: value for key, value in prior.items() if key != "state"},
     }
     created = _create_folder(out)
     new_run = NewRunFiles(config_record, existing, created)
-    return RunState(config, data, model, optimizer, scheduler, data_order, prior, [], 0, new_run)
+    training_model = compile_model(model) if config["compile"] else model
+    return RunState(config, data, device_data, model, training_model, optimizer, scheduler, data_order, augmentation,
+                    scaler, prior, [], 0, new_run)
 
 
 def _resume_state(options: dict[str, Any], out: Path) -> RunState:
@@ -708,20 +958,25 @@ def _resume_state(options: dict[str, Any], out: Path) -> RunState:
             )
     config["out"] = str(out)
 
+    device = resolve_device(config["device"])
     data = load_run_data(config, data_dir=options.get("data_dir"))
     _check_data_hash(data, payload, path)
 
     # Rebuild every stateful object, then overwrite its state with the checkpoint's.
     model = build_run_model(config, data)
+    model.to(device)
     optimizer = build_optimizer(config, model)
-    scheduler = build_scheduler(optimizer, config["epochs"])
+    scheduler = _build_run_scheduler(config, optimizer, len(data.y_train))
     data_order = torch.Generator()
+    augmentation = torch.Generator().manual_seed(augmentation_seed(config["seed"]))
+    scaler = build_scaler(config["amp"], device)
     try:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
-        data_order.set_state(payload["rng"]["data_order"])
-        torch.set_rng_state(payload["rng"]["torch"])
+        _restore_random_states(payload["rng"], data_order, augmentation, device)
+        if scaler is not None:
+            _restore_scaler(scaler, payload.get("scaler"))
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as error:
         raise UsageError(
             f"checkpoint {str(path)!r} does not fit the {config['model']!r} run it describes "
@@ -729,7 +984,33 @@ def _resume_state(options: dict[str, Any], out: Path) -> RunState:
         ) from None
 
     metrics = list(payload["metrics"])
-    return RunState(config, data, model, optimizer, scheduler, data_order, payload["prior"], metrics, payload["epoch"])
+    device_data = TrainingData(data, device=device, cutout=config["cutout"])
+    training_model = compile_model(model) if config["compile"] else model
+    return RunState(config, data, device_data, model, training_model, optimizer, scheduler, data_order, augmentation,
+                    scaler, payload["prior"], metrics, payload["epoch"])
+
+
+def _restore_scaler(scaler: torch.amp.GradScaler, state: Any) -> None:
+    """Load a checkpoint's loss-scaler state, or raise ValueError when it has none."""
+    if not isinstance(state, dict) or "scale" not in state:
+        raise ValueError("an --amp fp16 run needs the loss scaler's state, and the checkpoint has none")
+    scaler.load_state_dict(state)
+
+
+def _restore_random_states(
+    states: dict[str, torch.Tensor], data_order: torch.Generator, augmentation: torch.Generator, device: torch.device
+) -> None:
+    """Set the generators to a checkpoint's states.
+
+    Checkpoints written before augmentation existed lack its state, and the seeded one is kept.
+    A CUDA state is restored only on a CUDA device, because a CPU run never draws from one.
+    """
+    data_order.set_state(states["data_order"])
+    torch.set_rng_state(states["torch"])
+    if "augmentation" in states:
+        augmentation.set_state(states["augmentation"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 def check_stored_config(config: dict[str, Any], payload: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -904,6 +1185,8 @@ def restore_run(path: str | os.PathLike, *, data_dir: str | os.PathLike | None =
     check_data_dir(data_dir)
     data = load_run_data(config, data_dir=data_dir)
     _check_data_hash(data, payload, path)
+    if isinstance(data, CifarData):
+        data = cifar_as_float_dataset(data)
 
     # Rebuild the model and load the weights; a mismatch means the model code changed.
     model = build_run_model(config, data)

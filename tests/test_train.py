@@ -233,14 +233,38 @@ def test_sgd_drops_sharpness_options():
         ({"optimizer": "adam"}, r"--optimizer 'adam' is unknown; choose one of sgd, sam, crsam"),
         ({"optimizer": "sgd", "rho": 0.1}, r"--rho 0.1 has no effect with --optimizer sgd; drop --rho or pass --optimizer sam or crsam"),
         ({"optimizer": "sam", "beta": 0.1}, r"--beta 0.1 has no effect with --optimizer sam; drop --beta or pass --optimizer crsam"),
-        ({"model": "resnet18"}, r"--model resnet18 is not available yet"),
-        ({"data": "cifar100"}, r"--data cifar100 is not available yet"),
+        ({"model": "resnet18"}, r"--model resnet18 takes 3x32x32 images, but --data mnist1d has sequences of length 40; "
+                                r"pass --model mlp or cnn1d, or --data cifar10 or cifar100 with --data-dir"),
+        ({"data": "cifar100"}, r"--model mlp takes MNIST-1D sequences, not the images of --data cifar100; "
+                               r"pass --model resnet18, resnet50, wrn28_10, vit"),
+        ({"data": "cifar10", "model": "cnn1d"}, r"--model cnn1d takes MNIST-1D sequences"),
         ({"prior_split": 1.0}, r"--prior-split 1.0 is outside \(0, 1\)"),
-        ({"perturbation": "local"}, r"--perturbation local is not available yet"),
+        ({"perturbation": "local", "optimizer": "sgd"}, r"--perturbation local has no effect with --optimizer sgd"),
+        ({"perturbation": "ball"}, r"--perturbation 'ball' is unknown; choose one of global, local"),
         ({"parallel": True}, r"--parallel is not available yet"),
-        ({"amp": "bf16"}, r"--amp bf16 is not available yet"),
     ],
 )
 def test_invalid_options(options, message):
     with pytest.raises(UsageError, match=message):
         resolve_options(options)
+
+
+@pytest.mark.parametrize("optimizer", ["sam", "crsam"])
+def test_local_perturbation_equals_global_in_one_process(tmp_path, optimizer):
+    # Without DDP every process is the only one, so its own gradient is the averaged gradient.
+    train(tiny(optimizer=optimizer, epochs=2), out=tmp_path / "global", progress=False)
+    train(tiny(optimizer=optimizer, epochs=2, perturbation="local"), out=tmp_path / "local", progress=False)
+    first = load_checkpoint(tmp_path / "global" / "checkpoint.pt")
+    second = load_checkpoint(tmp_path / "local" / "checkpoint.pt")
+    assert second["config"]["perturbation"] == "local"
+    for key, value in first["model"].items():
+        assert torch.equal(second["model"][key], value), key
+    assert without_seconds(second["metrics"]) == without_seconds(first["metrics"])
+
+
+def test_local_perturbation_reaches_optimizer():
+    from crsam.models import build_model
+    from crsam.train import build_optimizer
+
+    optimizer = build_optimizer(resolve_options({"perturbation": "local"}), build_model("mlp"))
+    assert optimizer.perturbation == "local"
