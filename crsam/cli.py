@@ -128,7 +128,8 @@ def _add_bound_parser(commands: argparse._SubParsersAction) -> None:
     )
     bound.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint.pt written by 'crsam train'")
     bound.add_argument("--delta", type=_float, default=0.05,
-                       help="total failure probability in (0, 1), shared by all bounds and Monte-Carlo steps [0.05]")
+                       help="total failure probability in (0, 1), shared by all bounds and Monte-Carlo steps; "
+                       "values so small that a share falls below 2.2e-308 are rejected [0.05]")
     bound.add_argument("--mc-samples", type=_int, metavar="N",
                        help="fresh weight samples for the Monte-Carlo estimate of the posterior's training error "
                        f"[{_certificate_default('DEFAULT_MC_SAMPLES')}]")

@@ -581,6 +581,15 @@ BAD_INPUTS = [
     ("delta-zero", {"delta": 0.0}, r"delta must be in \(0, 1\), got 0.0"),
     ("delta-one", {"delta": 1.0}, r"delta must be in \(0, 1\), got 1.0"),
     ("delta-nan", {"delta": float("nan")}, r"delta must be in \(0, 1\), got nan"),
+    ("delta-inf", {"delta": float("inf")}, r"delta must be in \(0, 1\), got inf"),
+    ("delta-negative", {"delta": -0.1}, r"delta must be in \(0, 1\), got -0.1"),
+    # 1e-320 is subnormal. 1e-307 is normal, but its PAC-Bayes half split over FAST's 3 sigma
+    # values is not: the smallest share is delta / 6, so the suggested floor is
+    # 2.2e-308 * 6 = 1.3e-307, rounded up to a power of ten, 1e-306.
+    ("delta-subnormal", {"delta": 1e-320},
+     r"delta 1e-320 is too small: .* smallest share is 1.665e-321, below the smallest normal float64 "
+     r"\(2.2250738585072014e-308\)\. Pass a delta of at least 1e-306\."),
+    ("delta-share-subnormal", {"delta": 1e-307}, r"delta 1e-307 is too small: .* at least 1e-306"),
     ("mc-samples-zero", {"mc_samples": 0}, r"mc_samples must be an integer >= 1, got 0"),
     ("mc-samples-float", {"mc_samples": 2.5}, r"mc_samples must be an integer >= 1, got 2.5"),
     ("selection-negative", {"selection_samples": -1},
@@ -622,6 +631,27 @@ BAD_INPUTS = [
 def test_bad_input_raises(changes, message):
     with pytest.raises(ValueError, match=message):
         certify(**_bad_call(**changes))
+
+
+def test_tiny_normal_delta_gives_valid_rows():
+    # At delta = 1e-300 every share is a normal float64, so ln(1 / share) is exact to an ulp and
+    # the rows follow the same formulas as at delta = 0.05: ln(1/delta) = 690.8 nats enter each
+    # budget, and the values stay in [0, 1].
+    model, prior_state = trained_pair(steps=5)
+    x, y = make_data(20, seed=2)
+    report = certify(model, prior_state, x, y, delta=1e-300, **FAST)
+    assert report["delta"] == 1e-300
+    for step in report["confidence"]["steps"]:
+        if step["delta_per_event"] is not None:
+            assert step["delta_per_event"] >= 2.2250738585072014e-308
+    for row in report["bounds"]:
+        assert 0.0 <= row["value"] <= 1.0
+        assert math.isfinite(row["complexity"])
+    kl_row = report["bounds"][0]
+    n = report["n_train"]
+    delta_per_sigma = report["confidence"]["pac_bayes_per_sigma"]
+    assert kl_row["complexity"] == pytest.approx(
+        (report["kl"] + math.log(2 * math.sqrt(n) / delta_per_sigma)) / n, rel=1e-15)
 
 
 def test_prior_state_with_unknown_key_raises():

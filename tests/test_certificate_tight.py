@@ -709,6 +709,8 @@ TIGHT_BAD_INPUTS = [
     ("weight-decay-nan", {"prior_weight_decay": float("nan")},
      r"prior_weight_decay must be a finite number >= 0, got nan"),
     ("delta-one", {"delta": 1.0}, r"delta must be in \(0, 1\), got 1.0"),
+    # Rejected before the prior training: the shares of a subnormal delta underflow.
+    ("delta-subnormal", {"delta": 1e-320}, r"delta 1e-320 is too small: .* Pass a delta of at least"),
     ("mc-zero", {"mc_samples": 0}, r"mc_samples must be an integer >= 1, got 0"),
     ("scheme-unknown", {"mc_scheme": "both"},
      r"mc_scheme must be one of per-example, per-sample, got 'both'"),

@@ -83,6 +83,7 @@ References
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -206,7 +207,9 @@ def certify(
     x_test, y_test : torch.Tensor, optional
         Held-out examples, for the reported test errors only.
     delta : float
-        Total failure probability in (0, 1).
+        Total failure probability in (0, 1). Every share of it per event must be a normal
+        float64 (at least 2.2e-308). A smaller delta raises ValueError, which names the smallest
+        delta that fits the chosen grids (1e-303 for the defaults of ``crsam bound``).
     mc_samples : int
         Weight samples :math:`m` of the certification step.
     selection_samples : int
@@ -781,7 +784,8 @@ def confidence_budget(delta, monte_carlo_fraction, families, grid_size, catoni_g
     grid, Catoni's family over the pairs of grid value and constant, and the Dziugaite-Roy
     family over its countable prior-variance grid. Returns the report's ``confidence`` section,
     whose ``steps`` list each share: their deltas add up to ``delta`` (up to float64 rounding of
-    the divisions, a few ulps).
+    the divisions, a few ulps). Raises ValueError when a share per event is below the smallest
+    normal float64.
     """
     delta_monte_carlo = delta * monte_carlo_fraction
     delta_pac_bayes = delta - delta_monte_carlo
@@ -825,6 +829,8 @@ def confidence_budget(delta, monte_carlo_fraction, families, grid_size, catoni_g
             "description": "PAC-Bayes-kl event for each prior variance c exp(-j / b), "
                            "j = 1, 2, ..., with 6 delta / (pi^2 j^2) for point j",
         })
+    _check_shares_normal(delta, steps, lambda: confidence_budget(
+        1.0, monte_carlo_fraction, families, grid_size, catoni_grid_size)["steps"])
     return {
         "delta": delta,
         "pac_bayes": delta_pac_bayes,
@@ -835,6 +841,27 @@ def confidence_budget(delta, monte_carlo_fraction, families, grid_size, catoni_g
         "families": shares,
         "steps": steps,
     }
+
+
+def _check_shares_normal(delta, steps, unit_steps) -> None:
+    """Raise ValueError when a share of ``delta`` per event is below the smallest normal float64.
+
+    Below ``sys.float_info.min`` (2.2e-308) a float64 is subnormal and loses relative precision,
+    and a share that underflows to 0 makes ``ln(1 / delta)`` infinite. ``unit_steps()`` returns
+    the steps for ``delta = 1``, whose shares are the fractions of ``delta`` that each event gets.
+    """
+    per_event = [step["delta_per_event"] for step in steps if step["delta_per_event"] is not None]
+    smallest = min(per_event + [delta])
+    if smallest >= sys.float_info.min:
+        return
+    fractions = [step["delta_per_event"] for step in unit_steps() if step["delta_per_event"] is not None]
+    floor = sys.float_info.min / min(fractions + [1.0])
+    suggestion = 10.0 ** math.ceil(math.log10(floor))
+    raise ValueError(
+        f"delta {delta!r} is too small: split among the certificate's events, its smallest share "
+        f"is {smallest!r}, below the smallest normal float64 ({sys.float_info.min!r}). Pass a "
+        f"delta of at least {suggestion:.0e}."
+    )
 
 
 def family_rows(budget, empirical, n, chance_error, *, rigorous, kl_nats, catoni_grid,

@@ -965,6 +965,8 @@ def tight_certificate(
     grid = _check_sigma_grid(prior_sigma_grid, "prior_sigma_grid")
     catoni_constants = check_catoni_grid(catoni_grid)
     check_prior_variance_grid(prior_variance_b, prior_variance_c)
+    # Reject a delta whose shares underflow now, before the prior training.
+    confidence_budget(delta, monte_carlo_fraction, families, len(grid), len(catoni_constants))
     layout = ParameterLayout.from_model(model)
     if layout.num_parameters == 0:
         raise ValueError("model has no parameters, so there is no posterior to certify; "
