@@ -108,6 +108,7 @@ from crsam.theory import (
 
 from .montecarlo import (
     ParameterLayout,
+    check_sample_count,
     count_errors,
     estimate_errors,
     resolve_method,
@@ -286,6 +287,8 @@ def certify(
     catoni_constants = check_catoni_grid(catoni_grid)
     check_prior_variance_grid(prior_variance_b, prior_variance_c)
     layout = _check_model_and_data(model, prior_state, x_train, y_train, x_test, y_test)
+    check_sample_count("mc_samples", mc_samples, int(x_train.shape[0]))
+    check_sample_count("selection_samples", selection_samples, int(x_train.shape[0]))
     prior_section = _prior_section(prior_info)
 
     # Flat weight vectors of the posterior mean w and the prior centre w0.
@@ -711,7 +714,8 @@ def _grid_edge_warning(grid, sigma) -> str | None:
     side = "smallest" if index == 0 else "largest"
     return (
         f"the chosen sigma {sigma:.4g} is the {side} value of the grid, so a wider grid might "
-        "give a tighter bound; pass a sigma_grid that extends past it"
+        "give a tighter bound. Pass a grid that extends past it: --sigma-grid of 'crsam bound', "
+        "or sigma_grid of crsam.certificate.certify"
     )
 
 
@@ -898,7 +902,8 @@ def family_rows(budget, empirical, n, chance_error, *, rigorous, kl_nats, catoni
             row_warnings.append(
                 f"the prior variance {row['requested_variance']:.4g} that minimizes the KL lies "
                 f"above the first point of the Dziugaite-Roy grid ({row['prior_variance']:.4g}), "
-                "so the dziugaite-roy row uses that point; pass a larger prior_variance_c"
+                "so the dziugaite-roy row uses that point. Pass a larger c: --prior-variance-c "
+                "of 'crsam bound', or prior_variance_c of crsam.certificate.certify"
             )
     return rows, row_warnings
 

@@ -95,7 +95,13 @@ from .gaussian import (
     confidence_budget,
     family_rows,
 )
-from .montecarlo import MonteCarloErrors, ParameterLayout, count_errors, resolve_method
+from .montecarlo import (
+    MonteCarloErrors,
+    ParameterLayout,
+    check_sample_count,
+    count_errors,
+    resolve_method,
+)
 
 OBJECTIVES = ("quad", "kl")
 MC_SCHEMES = ("per-example", "per-sample")
@@ -453,14 +459,14 @@ def _estimate_diagonal_errors(model, layout, mean, sigma, seed, num_samples, dat
     """Evaluate the diagonal posterior's 0-1 error on each data set by Monte Carlo.
 
     ``scheme="per-sample"``: ``num_samples`` weight samples, each evaluated on every example;
-    ``counts[j]`` is the number of errors of sample ``j``. ``scheme="per-example"``:
+    ``count_j`` is the number of errors of sample ``j``. ``scheme="per-example"``:
     ``num_samples`` rounds, and in each round every example gets its own fresh weight sample;
-    ``counts[r]`` is the number of errors of round ``r``. In both cases the mean of
-    ``counts / n`` is an unbiased estimate of the posterior's error, and the summed softmax
-    outputs give the ensemble error.
+    ``count_r`` is the number of errors of round ``r``. In both cases the mean of
+    ``count / n`` is an unbiased estimate of the posterior's error, and the summed softmax
+    outputs give the ensemble error. Only running totals are kept (see ``MonteCarloErrors``).
     """
     generator = torch.Generator(device=mean.device).manual_seed(int(seed))
-    counts = {name: [] for name in datasets}
+    totals = {name: MonteCarloErrors(int(x.shape[0])) for name, (x, _) in datasets.items()}
     probability_sums = {
         name: torch.zeros((x.shape[0], num_classes), dtype=torch.float64, device=mean.device)
         for name, (x, _) in datasets.items()
@@ -475,7 +481,7 @@ def _estimate_diagonal_errors(model, layout, mean, sigma, seed, num_samples, dat
             for name, (x, y) in datasets.items():
                 chunk = count_errors(model, layout, weights, x, y, batch_size=batch_size,
                                      method=method, probability_sum=probability_sums[name])
-                counts[name].append(chunk.cpu().numpy())
+                totals[name].add(chunk.cpu())
             done += weights.shape[0]
             if progress is not None:
                 progress("certification", done, num_samples)
@@ -496,17 +502,14 @@ def _estimate_diagonal_errors(model, layout, mean, sigma, seed, num_samples, dat
                         errors += int((logits.argmax(dim=-1) != labels).sum())
                         stop = start + inputs.shape[0]
                         probability_sums[name][start:stop] += torch.softmax(logits.double(), dim=-1)
-                counts[name].append(np.array([errors], dtype=np.int64))
+                totals[name].add(np.array([errors], dtype=np.int64))
             if progress is not None:
                 progress("certification", round_index + 1, num_samples)
 
-    results = {}
-    for name, (x, y) in datasets.items():
+    for name, (_, y) in datasets.items():
         predictions = probability_sums[name].argmax(dim=-1).cpu()
-        ensemble_errors = int((predictions != y.cpu()).sum())
-        results[name] = MonteCarloErrors(np.concatenate(counts[name]), int(x.shape[0]),
-                                         ensemble_errors)
-    return results
+        totals[name].ensemble_errors = int((predictions != y.cpu()).sum())
+    return totals
 
 
 def certify_diagonal_posterior(
@@ -625,6 +628,7 @@ def certify_diagonal_posterior(
     _check_state(layout, prior_state, "prior_state")
     _check_state(layout, posterior_mean, "posterior_mean")
     _check_labelled(x_bound, y_bound, "bound")
+    check_sample_count("mc_samples", mc_samples, int(x_bound.shape[0]))
     if (x_test is None) != (y_test is None):
         raise ValueError("x_test and y_test must be given together; pass both or neither")
     if x_test is not None:
@@ -712,7 +716,9 @@ def certify_diagonal_posterior(
         side = "smallest" if chosen_index == 0 else "largest"
         report_warnings.append(
             f"the chosen prior scale {prior_sigma:.4g} is the {side} value of the grid, so a "
-            "wider grid might give a smaller KL; pass a prior_sigma_grid that extends past it"
+            "wider grid might give a smaller KL. Pass a grid that extends past it: --sigma-grid "
+            "of 'crsam bound --prior learned', or prior_sigma_grid of "
+            "crsam.certificate.tight_certificate"
         )
     for message in report_warnings:
         warnings.warn(message, stacklevel=2)
@@ -984,6 +990,7 @@ def tight_certificate(
     if split is None:
         split = split_for_prior(int(y_train.shape[0]), prior_fraction, seed=split_seed)
     split_section = _check_split(split, int(y_train.shape[0]))
+    check_sample_count("mc_samples", mc_samples, split_section["n_bound"])
     x_prior, y_prior = x_train[split.prior_indices], y_train[split.prior_indices]
     x_bound, y_bound = x_train[split.bound_indices], y_train[split.bound_indices]
     seeds = tight_noise_seeds(seed)
