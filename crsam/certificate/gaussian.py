@@ -386,15 +386,7 @@ def certify(
         warnings.warn(message, stacklevel=2)
 
     report = {
-        "train_error": mean_errors["train"],
-        "test_error": mean_errors.get("test"),
-        "n_train": n,
-        "n_test": int(x_test.shape[0]) if x_test is not None else None,
-        "num_classes": num_classes,
-        "chance_error": chance_error,
-        "delta": delta,
-        "bounds": bounds,
-        "best_bound": _best_bound(bounds),
+        **headline_section(mean_errors, n, x_test, num_classes, chance_error, delta, bounds),
         "procedure": "sigma-grid",
         "confidence": budget,
         "sigma": sigma,
@@ -435,13 +427,8 @@ def certify(
             "seed": seed,
             "selection_seed": selection_seed,
             "certification_seed": certification_seed,
-            "crsam_version": crsam.__version__,
-            "torch_version": torch.__version__,
-            "dtype": str(center.dtype).removeprefix("torch."),
-            "device": str(center.device),
-            "method": method,
-            "batch_size": batch_size,
-            "sample_batch_size": sample_batch_size,
+            **software_provenance(center.dtype, center.device, method, batch_size,
+                                  sample_batch_size),
             # Same digest as crsam.data: over all four tensors it equals the data set's sha256.
             "train_sha256": hash_tensors(x_train, y_train),
             "data_sha256": hash_tensors(*(t for pair in datasets.values() for t in pair)),
@@ -454,6 +441,14 @@ def certify(
 def _check_options(delta, mc_samples, selection_samples, sigma_grid, monte_carlo_fraction, seed,
                    batch_size, sample_batch_size, method) -> tuple[float, ...]:
     """Validate the scalar options and return the sorted sigma grid."""
+    check_budget_options(delta, monte_carlo_fraction, seed, method, mc_samples=mc_samples,
+                         selection_samples=selection_samples, batch_size=batch_size,
+                         sample_batch_size=sample_batch_size)
+    return check_scale_grid(sigma_grid, "sigma_grid", DEFAULT_SIGMA_GRID, "[0.01, 0.03, 0.1]")
+
+
+def check_budget_options(delta, monte_carlo_fraction, seed, method, **counts) -> None:
+    """Validate the options that every certificate shares; ``counts`` are integers >= 1."""
     if not _is_real(delta) or not 0.0 < delta < 1.0:
         raise ValueError(
             f"delta must be in (0, 1), got {delta!r}; pass the total failure probability, "
@@ -464,33 +459,38 @@ def _check_options(delta, mc_samples, selection_samples, sigma_grid, monte_carlo
             f"monte_carlo_fraction must be in (0, 1), got {monte_carlo_fraction!r}; it is the "
             "share of delta spent on the Monte-Carlo bound, for example 0.5"
         )
-    for name, value in (("mc_samples", mc_samples), ("selection_samples", selection_samples),
-                        ("batch_size", batch_size), ("sample_batch_size", sample_batch_size)):
+    for name, value in counts.items():
         if not _is_integer(value) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if not _is_integer(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     resolve_method(nn.Identity(), method)
 
+
+def check_scale_grid(values, name, default, example) -> tuple[float, ...]:
+    """Validate a grid fixed before the data (finite, positive, distinct) and return it sorted.
+
+    ``values`` None selects ``default``. ``example`` is a grid to suggest in the messages.
+    """
     # The grid: finite, positive, distinct values, sorted ascending.
-    grid = DEFAULT_SIGMA_GRID if sigma_grid is None else sigma_grid
+    grid = default if values is None else values
     if isinstance(grid, np.ndarray) and grid.ndim == 1:
         grid = grid.tolist()
     if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or len(grid) == 0:
         raise ValueError(
-            f"sigma_grid must be a non-empty sequence of positive numbers, got {sigma_grid!r}; "
-            "pass for example [0.01, 0.03, 0.1] or None for the default grid"
+            f"{name} must be a non-empty sequence of positive numbers, got {values!r}; "
+            f"pass for example {example} or None for the default grid"
         )
     for value in grid:
         if not _is_real(value) or not math.isfinite(value) or value <= 0.0:
             raise ValueError(
-                f"sigma_grid must contain finite positive numbers, got {value!r} in it; "
+                f"{name} must contain finite positive numbers, got {value!r} in it; "
                 "remove it or pass None for the default grid"
             )
     ordered = tuple(sorted(float(value) for value in grid))
     if len(set(ordered)) != len(ordered):
         raise ValueError(
-            f"sigma_grid contains repeated values: {list(grid)}; each repeat costs confidence "
+            f"{name} contains repeated values: {list(grid)}; each repeat costs confidence "
             "for nothing, so pass distinct values"
         )
     return ordered
@@ -746,27 +746,7 @@ def check_families(families) -> tuple[str, ...]:
 
 def check_catoni_grid(catoni_grid) -> tuple[float, ...]:
     """Validate Catoni's constants (finite, positive, distinct) and return them sorted."""
-    grid = DEFAULT_CATONI_GRID if catoni_grid is None else catoni_grid
-    if isinstance(grid, np.ndarray) and grid.ndim == 1:
-        grid = grid.tolist()
-    if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or len(grid) == 0:
-        raise ValueError(
-            f"catoni_grid must be a non-empty sequence of positive numbers, got {catoni_grid!r}; "
-            "pass for example [0.5, 1.0, 2.0] or None for the default grid"
-        )
-    for value in grid:
-        if not _is_real(value) or not math.isfinite(value) or value <= 0.0:
-            raise ValueError(
-                f"catoni_grid must contain finite positive numbers, got {value!r} in it; "
-                "remove it or pass None for the default grid"
-            )
-    ordered = tuple(sorted(float(value) for value in grid))
-    if len(set(ordered)) != len(ordered):
-        raise ValueError(
-            f"catoni_grid contains repeated values: {list(grid)}; each repeat costs confidence "
-            "for nothing, so pass distinct values"
-        )
-    return ordered
+    return check_scale_grid(catoni_grid, "catoni_grid", DEFAULT_CATONI_GRID, "[0.5, 1.0, 2.0]")
 
 
 def check_prior_variance_grid(b, c) -> None:
@@ -1054,6 +1034,20 @@ def _rigor_caveats(model: nn.Module, prior_state) -> list[str]:
 
 def _posterior_section(sigma, layout, mean_errors, estimates) -> dict:
     """Describe the posterior and its errors, marking the quantity the bounds certify."""
+    return {
+        "distribution": "N(w, sigma^2 I)",
+        "sigma": sigma,
+        "num_parameters": layout.num_parameters,
+        "certified": "stochastic",
+        "certified_description": "expected 0-1 error on the data distribution of the "
+                                 "stochastic predictor w + sigma e, e ~ N(0, I), with fresh "
+                                 "weights for each prediction",
+        "errors": posterior_errors(mean_errors, estimates),
+    }
+
+
+def posterior_errors(mean_errors, estimates) -> dict:
+    """Collect the stochastic, posterior-mean and ensemble errors on the train (or bound) and test sets."""
     def stochastic(split):
         estimate = estimates.get(split)
         if estimate is None:
@@ -1067,18 +1061,37 @@ def _posterior_section(sigma, layout, mean_errors, estimates) -> dict:
         return estimate.ensemble_errors / estimate.n
 
     return {
-        "distribution": "N(w, sigma^2 I)",
-        "sigma": sigma,
-        "num_parameters": layout.num_parameters,
-        "certified": "stochastic",
-        "certified_description": "expected 0-1 error on the data distribution of the "
-                                 "stochastic predictor w + sigma e, e ~ N(0, I), with fresh "
-                                 "weights for each prediction",
-        "errors": {
-            "stochastic": {"train": stochastic("train"), "test": stochastic("test")},
-            "mean": {"train": mean_errors["train"], "test": mean_errors.get("test")},
-            "ensemble": {"train": ensemble("train"), "test": ensemble("test")},
-        },
+        "stochastic": {"train": stochastic("train"), "test": stochastic("test")},
+        "mean": {"train": mean_errors["train"], "test": mean_errors.get("test")},
+        "ensemble": {"train": ensemble("train"), "test": ensemble("test")},
+    }
+
+
+def headline_section(mean_errors, n, x_test, num_classes, chance_error, delta, bounds) -> dict:
+    """Return the leading report keys that every certificate shares, in their order."""
+    return {
+        "train_error": mean_errors["train"],
+        "test_error": mean_errors.get("test"),
+        "n_train": n,
+        "n_test": int(x_test.shape[0]) if x_test is not None else None,
+        "num_classes": num_classes,
+        "chance_error": chance_error,
+        "delta": delta,
+        "bounds": bounds,
+        "best_bound": _best_bound(bounds),
+    }
+
+
+def software_provenance(dtype, device, method, batch_size, sample_batch_size) -> dict:
+    """Return the provenance keys that every certificate shares: versions and evaluation setup."""
+    return {
+        "crsam_version": crsam.__version__,
+        "torch_version": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
+        "method": method,
+        "batch_size": batch_size,
+        "sample_batch_size": sample_batch_size,
     }
 
 

@@ -72,7 +72,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-import crsam
 from crsam.data import PriorSplit, hash_tensors, split_for_prior
 from crsam.theory import gaussian_kl, kl_inv_upper, kl_inv_upper_grad, sample_bound
 
@@ -83,17 +82,21 @@ from .gaussian import (
     DEFAULT_PRIOR_VARIANCE_B,
     DEFAULT_PRIOR_VARIANCE_C,
     DEFAULT_SIGMA_GRID,
-    _best_bound,
     _is_integer,
     _is_real,
     _json_safe,
     _resolve_method_with_fallback,
     _rigor_caveats,
+    check_budget_options,
     check_catoni_grid,
     check_families,
     check_prior_variance_grid,
+    check_scale_grid,
     confidence_budget,
     family_rows,
+    headline_section,
+    posterior_errors,
+    software_provenance,
 )
 from .montecarlo import (
     MonteCarloErrors,
@@ -616,12 +619,13 @@ def certify_diagonal_posterior(
     started = time.perf_counter()
 
     # Check the arguments before any forward pass.
-    grid = _check_sigma_grid(prior_sigma_grid, "prior_sigma_grid")
+    grid = check_scale_grid(prior_sigma_grid, "prior_sigma_grid", DEFAULT_SIGMA_GRID,
+                            "[0.01, 0.03, 0.1]")
     families = check_families(families)
     catoni_constants = check_catoni_grid(catoni_grid)
     check_prior_variance_grid(prior_variance_b, prior_variance_c)
-    _check_budget_options(delta, monte_carlo_fraction, mc_samples, seed, batch_size,
-                          sample_batch_size, method)
+    check_budget_options(delta, monte_carlo_fraction, seed, method, mc_samples=mc_samples,
+                         batch_size=batch_size, sample_batch_size=sample_batch_size)
     if mc_scheme not in MC_SCHEMES:
         raise ValueError(f"mc_scheme must be one of {', '.join(MC_SCHEMES)}, got {mc_scheme!r}")
     layout = ParameterLayout.from_model(model)
@@ -725,15 +729,7 @@ def certify_diagonal_posterior(
 
     report = {
         "procedure": "learned-prior",
-        "train_error": mean_errors["train"],
-        "test_error": mean_errors.get("test"),
-        "n_train": n,
-        "n_test": int(x_test.shape[0]) if x_test is not None else None,
-        "num_classes": num_classes,
-        "chance_error": chance_error,
-        "delta": delta,
-        "bounds": bounds,
-        "best_bound": _best_bound(bounds),
+        **headline_section(mean_errors, n, x_test, num_classes, chance_error, delta, bounds),
         "confidence": budget,
         "sigma_grid": list(grid),
         "sigma_grid_cost_nats": math.log(len(grid)),
@@ -760,7 +756,7 @@ def certify_diagonal_posterior(
             "certified_description": "expected 0-1 error on the data distribution of the "
                                      "stochastic predictor mu + s * e, e ~ N(0, I), with fresh "
                                      "weights for each prediction",
-            "errors": _posterior_errors(mean_errors, estimates),
+            "errors": posterior_errors(mean_errors, estimates),
         },
         "prior": {
             "kind": "learned",
@@ -774,37 +770,12 @@ def certify_diagonal_posterior(
         "warnings": report_warnings,
         "provenance": {
             "certification_seed": seed,
-            "crsam_version": crsam.__version__,
-            "torch_version": torch.__version__,
-            "dtype": str(dtype).removeprefix("torch."),
-            "device": str(device),
-            "method": method,
-            "batch_size": batch_size,
-            "sample_batch_size": sample_batch_size,
+            **software_provenance(dtype, device, method, batch_size, sample_batch_size),
             "bound_sha256": hash_tensors(x_bound, y_bound),
             "runtime_seconds": time.perf_counter() - started,
         },
     }
     return _json_safe(report)
-
-
-def _posterior_errors(mean_errors, estimates) -> dict:
-    """Stochastic, posterior-mean and ensemble errors on the bound split and the test set."""
-    def stochastic(split):
-        estimate = estimates.get(split)
-        if estimate is None:
-            return None
-        return {"mean": estimate.mean, "stderr": estimate.stderr, "samples": estimate.samples}
-
-    def ensemble(split):
-        estimate = estimates.get(split)
-        return None if estimate is None else estimate.ensemble_errors / estimate.n
-
-    return {
-        "stochastic": {"train": stochastic("train"), "test": stochastic("test")},
-        "mean": {"train": mean_errors["train"], "test": mean_errors.get("test")},
-        "ensemble": {"train": ensemble("train"), "test": ensemble("test")},
-    }
 
 
 def _per_layer(layout, mean, sigma, prior_mean, prior_sigma) -> list[dict]:
@@ -963,12 +934,13 @@ def tight_certificate(
         posterior_lr_mean=posterior_lr_mean, posterior_lr_sigma=posterior_lr_sigma,
         posterior_batch_size=posterior_batch_size,
     )
-    _check_budget_options(delta, monte_carlo_fraction, mc_samples, seed, batch_size,
-                          sample_batch_size, method)
+    check_budget_options(delta, monte_carlo_fraction, seed, method, mc_samples=mc_samples,
+                         batch_size=batch_size, sample_batch_size=sample_batch_size)
     if mc_scheme not in MC_SCHEMES:
         raise ValueError(f"mc_scheme must be one of {', '.join(MC_SCHEMES)}, got {mc_scheme!r}")
     families = check_families(families)
-    grid = _check_sigma_grid(prior_sigma_grid, "prior_sigma_grid")
+    grid = check_scale_grid(prior_sigma_grid, "prior_sigma_grid", DEFAULT_SIGMA_GRID,
+                            "[0.01, 0.03, 0.1]")
     catoni_constants = check_catoni_grid(catoni_grid)
     check_prior_variance_grid(prior_variance_b, prior_variance_c)
     # Reject a delta whose shares underflow now, before the prior training.
@@ -1212,40 +1184,6 @@ def _flat_sigma(layout: ParameterLayout, posterior_sigma) -> torch.Tensor:
                              f"{float(bad)!r}")
         pieces.append(value.expand(shape).reshape(-1))
     return torch.cat(pieces)
-
-
-def _check_sigma_grid(grid, name) -> tuple[float, ...]:
-    """Validate a grid of scales (finite, positive, distinct) and return it sorted."""
-    values = DEFAULT_SIGMA_GRID if grid is None else grid
-    if isinstance(values, np.ndarray) and values.ndim == 1:
-        values = values.tolist()
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
-        raise ValueError(f"{name} must be a non-empty sequence of positive numbers, got {grid!r}")
-    for value in values:
-        if not _is_real(value) or not math.isfinite(value) or value <= 0.0:
-            raise ValueError(f"{name} must contain finite positive numbers, got {value!r} in it")
-    ordered = tuple(sorted(float(value) for value in values))
-    if len(set(ordered)) != len(ordered):
-        raise ValueError(f"{name} contains repeated values: {list(values)}; each repeat costs "
-                         "confidence for nothing, so pass distinct values")
-    return ordered
-
-
-def _check_budget_options(delta, monte_carlo_fraction, mc_samples, seed, batch_size,
-                          sample_batch_size, method) -> None:
-    """Validate the certificate's scalar options."""
-    if not _is_real(delta) or not 0.0 < delta < 1.0:
-        raise ValueError(f"delta must be in (0, 1), got {delta!r}; pass the total failure "
-                         "probability, for example delta=0.05")
-    if not _is_real(monte_carlo_fraction) or not 0.0 < monte_carlo_fraction < 1.0:
-        raise ValueError(f"monte_carlo_fraction must be in (0, 1), got {monte_carlo_fraction!r}")
-    for name, value in (("mc_samples", mc_samples), ("batch_size", batch_size),
-                        ("sample_batch_size", sample_batch_size)):
-        if not _is_integer(value) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if not _is_integer(seed) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    resolve_method(nn.Identity(), method)
 
 
 def _check_tight_options(**options) -> None:
