@@ -5,6 +5,7 @@ Usage::
     python benchmarks/bench_certificate.py            # about 2 to 4 minutes on 2 CPU cores
     python benchmarks/bench_certificate.py --quick    # fewer samples, under a minute
     python benchmarks/bench_certificate.py --tight    # the tight certificate, 1 to 3 minutes
+    python benchmarks/bench_certificate.py --checkpoint runs/mlp/checkpoint.pt  # crsam bound
 
 For the MNIST-1D MLP and 1-D CNN of ``crsam.models`` on the 4000 MNIST-1D training examples, it
 prints:
@@ -18,6 +19,13 @@ prints:
    extra sample from their difference. The network is trained for 5 epochs of Adam, and its
    initial weights are the prior centre. The call includes the default 25-value grid, the
    selection and certification samples and the test errors.
+
+With ``--checkpoint PATH`` it times what ``crsam bound PATH`` computes instead: ``certify`` with
+all bound families on the checkpoint's own training and test sets, at each Monte-Carlo sample
+count of ``--mc-counts`` and on the first ``--example-counts`` training examples. Each line gives
+the seconds of the sigma selection, of the certification samples and of the whole call. It also
+gives the whole call in units of one deterministic pass of the network over the same train and
+test examples (the best of 20, measured in the same run) and as a ratio to the first line.
 
 With ``--tight`` it runs :func:`crsam.certificate.tight_certificate` on the 1-D CNN instead. It
 generates ``--num-samples`` MNIST-1D examples (80 % for training) and trains the prior from seeded
@@ -161,6 +169,58 @@ def bench_certify(name, model, data, sample_counts, selection_samples):
           f"10^4 samples projected at {projected:.0f} s")
 
 
+def time_pass(model, x, y, repeats=20):
+    """Return the best time in seconds of one evaluation of ``model`` at its weights on ``(x, y)``."""
+    layout = ParameterLayout.from_model(model)
+    center = layout.flatten(dict(model.named_parameters())).unsqueeze(0)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first call pays for lazy initialization
+        start = time.perf_counter()
+        count_errors(model, layout, center, x, y, batch_size=1000, method="loop")
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bench_checkpoint(args):
+    """Print the time of ``crsam bound``'s certificate on a checkpoint at several sizes."""
+    from crsam.certificate import BOUND_FAMILIES
+    from crsam.train import restore_run
+
+    run = restore_run(args.checkpoint)
+    x_train, y_train = run.bound_data()
+    x_test, y_test = run.data.x_test, run.data.y_test
+    parameters = ParameterLayout.from_model(run.model).num_parameters
+    print(f"checkpoint {args.checkpoint}: {run.checkpoint['config']['model']}, {parameters} "
+          f"parameters, {x_train.shape[0]} training and {x_test.shape[0]} test examples")
+
+    for examples in args.example_counts:
+        x, y = x_train[:examples], y_train[:examples]
+        floor = time_pass(run.model, torch.cat([x, x_test]), torch.cat([y, y_test]))
+        print(f"\n{examples} training examples: one pass over train and test at w takes "
+              f"{1e3 * floor:.1f} ms")
+        print(f"  {'MC samples':>10} {'selection':>10} {'certification':>14} {'total':>9} "
+              f"{'total / pass':>13} {'vs first row':>13}")
+        first_total = None
+        for mc_samples in args.mc_counts:
+            stage_times = {}
+
+            def progress(stage, done, total):
+                # The last progress call of a stage marks its end.
+                stage_times[stage] = time.perf_counter()
+
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # an edge-of-grid warning is no concern here
+                certify(run.model, run.prior_state, x, y, x_test, y_test, mc_samples=mc_samples,
+                        families=BOUND_FAMILIES, progress=progress)
+            total = time.perf_counter() - start
+            first_total = first_total or total
+            selection = stage_times["selection"] - start
+            certification = stage_times["certification"] - stage_times["selection"]
+            print(f"  {mc_samples:>10} {selection:>9.1f}s {certification:>13.1f}s {total:>8.1f}s "
+                  f"{total / floor:>13.0f} {total / first_total:>13.2f}")
+
+
 def bench_tight(args):
     """Print the stage times and the table of one tight certificate of the MNIST-1D CNN."""
     started = time.perf_counter()
@@ -193,6 +253,14 @@ def bench_tight(args):
           f"{stochastic_test:.4f}, ratio {best['value'] / stochastic_test:.2f}")
 
 
+def _counts(text):
+    """Parse comma-separated positive whole numbers."""
+    values = [int(item) for item in text.split(",")]
+    if any(value < 1 for value in values):
+        raise argparse.ArgumentTypeError(f"{text!r} must list whole numbers >= 1")
+    return values
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples and repeats")
@@ -215,9 +283,25 @@ def main():
                         help="epochs of the posterior fit at the grid's prior scale [2]")
     parser.add_argument("--mc-samples", type=int, default=10,
                         help="rounds of per-example weight samples for --tight [10]")
+    parser.add_argument("--checkpoint", metavar="PATH",
+                        help="time crsam bound's certificate on this checkpoint instead")
+    parser.add_argument("--mc-counts", type=_counts, default=[1000, 10_000], metavar="M1,M2",
+                        help="Monte-Carlo sample counts for --checkpoint [1000,10000]")
+    parser.add_argument("--example-counts", type=_counts, default=None, metavar="N1,N2",
+                        help="first training examples to certify on for --checkpoint [all]")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.checkpoint is not None:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+        if args.example_counts is None:
+            from crsam.train import restore_run
+
+            args.example_counts = [int(restore_run(args.checkpoint).bound_data()[1].shape[0])]
+        bench_checkpoint(args)
+        print(f"load average at the end {os.getloadavg()[0]:.2f}")
+        return
     if args.tight:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")

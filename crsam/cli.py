@@ -12,6 +12,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import math
 import sys
 import warnings
 from collections.abc import Sequence
@@ -42,6 +43,17 @@ def _float(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _float_list(text: str) -> list[float]:
+    """Parse comma-separated real numbers; range checks happen where the option is used."""
+    values = []
+    for item in text.split(","):
+        try:
+            values.append(float(item))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} in {text!r} is not a number") from None
+    return values
 
 
 def _int(text: str) -> int:
@@ -164,7 +176,8 @@ def _add_bound_parser(commands: argparse._SubParsersAction) -> None:
     )
     bound.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint.pt written by 'crsam train'")
     bound.add_argument("--delta", type=_float, default=0.05,
-                       help="total failure probability in (0, 1), shared by all bounds and Monte-Carlo steps [0.05]")
+                       help="total failure probability in (0, 1), shared by all bounds and Monte-Carlo steps; "
+                       "values so small that a share falls below 2.2e-308 are rejected [0.05]")
     bound.add_argument("--mc-samples", type=_int, metavar="N",
                        help="fresh weight samples for the Monte-Carlo estimate of the posterior's training error "
                        f"[{_certificate_default('DEFAULT_MC_SAMPLES')}]")
@@ -175,6 +188,13 @@ def _add_bound_parser(commands: argparse._SubParsersAction) -> None:
                        "the training set, fit a per-layer Gaussian posterior on the other half and certify that "
                        "posterior with n = the other half only; it certifies a network trained by the same "
                        "recipe, not the checkpoint's own weights (slower, far tighter) [init]")
+    bound.add_argument("--sigma-grid", type=_float_list, metavar="S1,S2,...",
+                       help="comma-separated scales, fixed before seeing the data: the posterior's "
+                       "sigma candidates with --prior init, the prior's scale candidates with "
+                       "--prior learned; each value costs confidence [the certificate's grid]")
+    bound.add_argument("--prior-variance-c", type=_float, metavar="C",
+                       help="scale c of the Dziugaite-Roy prior-variance grid c exp(-j / 100), "
+                       f"above every grid variance [{_certificate_default('DEFAULT_PRIOR_VARIANCE_C')}]")
     bound.add_argument("--data-dir", metavar="PATH", help="folder with the data set's files, if it moved")
     bound.add_argument("--json", action="store_true", help="print one JSON object")
     bound.set_defaults(handler=_run_bound)
@@ -295,6 +315,27 @@ def _check_positive(flag: str, value: int | None) -> None:
         raise UsageError(f"{flag} {value} must be at least 1; pass a positive whole number")
 
 
+def _check_sigma_grid(values: list[float] | None) -> None:
+    if values is None:
+        return
+    for value in values:
+        if not (math.isfinite(value) and value > 0):
+            raise UsageError(f"--sigma-grid contains {value}, which is not a finite number > 0; pass positive scales such as 0.01,0.03,0.1")
+    if len(set(values)) != len(values):
+        raise UsageError(f"--sigma-grid {','.join(f'{value:g}' for value in values)} repeats a value; each repeat costs confidence for nothing, so pass distinct values")
+
+
+def _check_mc_samples(value: int | None, n: int, max_draws: int) -> None:
+    # The estimate keeps running totals only, so memory does not limit --mc-samples. The limit is
+    # exactness: samples x examples must stay within 2**53, the largest exact float64 count.
+    # --prior learned uses fewer examples than n, so this check is conservative there.
+    if value is not None and value * n > max_draws:
+        raise UsageError(
+            f"--mc-samples {value} is too large for {n} examples: {value} x {n} draws exceed "
+            f"2**53; pass --mc-samples {max_draws // n} or less"
+        )
+
+
 def _check_seed(value: int) -> None:
     # torch.Generator.manual_seed takes seeds below 2**64, but the curvature code converts them to int64.
     if not 0 <= value < 2**63:
@@ -313,11 +354,15 @@ def _run_bound(args: argparse.Namespace) -> int:
     _check_probability("--delta", args.delta)
     _check_positive("--mc-samples", args.mc_samples)
     _check_seed(args.seed)
+    _check_sigma_grid(args.sigma_grid)
+    if args.prior_variance_c is not None and not (math.isfinite(args.prior_variance_c) and args.prior_variance_c > 0):
+        raise UsageError(f"--prior-variance-c {args.prior_variance_c} is not a finite number > 0; pass a scale such as 0.1")
     certificate = _import_helper("crsam.certificate", "'crsam bound'")
     from crsam.train import restore_run
 
     run = restore_run(args.checkpoint, data_dir=args.data_dir)
     x_bound, y_bound = run.bound_data()
+    _check_mc_samples(args.mc_samples, int(y_bound.shape[0]), certificate.MAX_DRAWS)
     prior = run.checkpoint["prior"]
     options: dict[str, Any] = {
         "delta": args.delta,
@@ -326,6 +371,10 @@ def _run_bound(args: argparse.Namespace) -> int:
     }
     if args.mc_samples is not None:
         options["mc_samples"] = args.mc_samples
+    if args.prior_variance_c is not None:
+        options["prior_variance_c"] = args.prior_variance_c
+    if args.sigma_grid is not None:
+        options["prior_sigma_grid" if args.prior == "learned" else "sigma_grid"] = args.sigma_grid
 
     # Progress of the Monte-Carlo weight samples on stderr, one bar per stage.
     with _StageProgress() as progress:

@@ -7,9 +7,12 @@ do not occur in practice.
 
 import copy
 import doctest
+import gc
 import importlib
+import inspect
 import json
 import math
+import tracemalloc
 from fractions import Fraction
 
 import numpy as np
@@ -21,6 +24,8 @@ from torch import nn
 
 from crsam.certificate import (
     DEFAULT_SIGMA_GRID,
+    MAX_DRAWS,
+    MonteCarloErrors,
     ParameterLayout,
     WeightSampler,
     certify,
@@ -189,9 +194,64 @@ def test_mc_mean_with_uneven_batches_is_exact(batch_size, sample_batch_size, see
     counts = brute_force_counts(model, layout, weights, x, y)
     exact = sum(Fraction(count, x.shape[0]) for count in counts) / num_samples
 
-    assert estimate.counts.tolist() == counts
+    assert estimate.samples == num_samples
+    assert estimate.error_total == sum(counts)
+    assert estimate.error_square_total == sum(count * count for count in counts)
     # The mean is one division of exact integers, so it is the correctly rounded exact value.
     assert estimate.mean == float(exact)
+    # The standard error from the totals, against numpy's sample deviation of the counts. The
+    # two round differently: a few ulps of a value of order 0.1 / sqrt(17).
+    expected_stderr = np.std(np.array(counts) / x.shape[0], ddof=1) / math.sqrt(num_samples)
+    assert estimate.stderr == pytest.approx(expected_stderr, rel=1e-12, abs=1e-15)
+
+
+def test_mc_memory_independent_of_sample_count():
+    # Only running totals are kept, so doubling the weight samples from 20000 to 40000 must not
+    # raise the peak of Python allocations. Keeping one int64 count per sample, as before, adds
+    # at least 8 bytes per extra sample (160 kB here; 236 kB measured). With totals the peak
+    # levels off at about 150 kB of reference cycles that torch.func leaves for the garbage
+    # collector, and moved by 12 kB between these sizes, so 80 kB separates the two behaviours.
+    model = make_mlp().eval()
+    x, y = make_data(10)
+    layout = ParameterLayout.from_model(model)
+    center = layout.flatten(dict(model.named_parameters()))
+
+    def peak_bytes(num_samples):
+        gc.collect()
+        tracemalloc.start()
+        estimate_errors(model, layout, center, 0.5, 0, num_samples, {"train": (x, y)},
+                        batch_size=10, sample_batch_size=100, method="vmap")
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak
+
+    smaller = peak_bytes(20000)
+    larger = peak_bytes(40000)
+    assert larger - smaller < 80_000, (smaller, larger)
+
+
+def test_mc_totals_exact_beyond_float64():
+    # Totals past 2**53 stay exact: float64 accumulation would lose the trailing 1.
+    totals = MonteCarloErrors(n=10)
+    totals.add(np.array([2**40, 1], dtype=np.int64))
+    totals.add(torch.tensor([2**40], dtype=torch.int64))
+    assert totals.samples == 3
+    assert totals.error_total == 2**41 + 1
+    assert totals.error_square_total == 2**81 + 1
+    assert totals.mean == (2**41 + 1) / 30
+
+
+def test_sample_count_limit_raises():
+    model, prior_state = trained_pair(steps=1)
+    x, y = make_data(20)
+    limit = MAX_DRAWS // 20
+    with pytest.raises(ValueError, match=rf"mc_samples {limit + 1} is too large for 20 examples: "
+                                         rf".* exceed 2\*\*53 = {MAX_DRAWS}.* Pass mc_samples <= {limit}\."):
+        certify(model, prior_state, x, y, mc_samples=limit + 1, selection_samples=2,
+                sigma_grid=[0.1])
+    with pytest.raises(ValueError, match=rf"selection_samples {limit + 1} is too large"):
+        certify(model, prior_state, x, y, mc_samples=2, selection_samples=limit + 1,
+                sigma_grid=[0.1])
 
 
 def test_weight_sampler_independent_of_chunk_sizes():
@@ -413,10 +473,15 @@ def test_selection_evaluates_largest_when_all_vacuous():
 def test_grid_edge_warning():
     model, prior_state = trained_pair()
     x, y = make_data(40, seed=2)
-    with pytest.warns(UserWarning, match="value of the grid"):
+    with pytest.warns(UserWarning, match="value of the grid") as caught:
         result = certify(model, prior_state, x, y, **{**FAST, "sigma_grid": [0.05, 0.1]})
     assert result["sigma_on_grid_edge"] is True
     assert any("grid" in message for message in result["warnings"])
+    # The advice names the CLI option and the Python parameter that exist.
+    message = str(caught[0].message)
+    assert "--sigma-grid of 'crsam bound'" in message
+    assert "sigma_grid of crsam.certificate.certify" in message
+    assert "sigma_grid" in inspect.signature(certify).parameters
 
 
 def test_grid_accepts_numpy_array_in_any_order():
@@ -581,6 +646,15 @@ BAD_INPUTS = [
     ("delta-zero", {"delta": 0.0}, r"delta must be in \(0, 1\), got 0.0"),
     ("delta-one", {"delta": 1.0}, r"delta must be in \(0, 1\), got 1.0"),
     ("delta-nan", {"delta": float("nan")}, r"delta must be in \(0, 1\), got nan"),
+    ("delta-inf", {"delta": float("inf")}, r"delta must be in \(0, 1\), got inf"),
+    ("delta-negative", {"delta": -0.1}, r"delta must be in \(0, 1\), got -0.1"),
+    # 1e-320 is subnormal. 1e-307 is normal, but its PAC-Bayes half split over FAST's 3 sigma
+    # values is not: the smallest share is delta / 6, so the suggested floor is
+    # 2.2e-308 * 6 = 1.3e-307, rounded up to a power of ten, 1e-306.
+    ("delta-subnormal", {"delta": 1e-320},
+     r"delta 1e-320 is too small: .* smallest share is 1.665e-321, below the smallest normal float64 "
+     r"\(2.2250738585072014e-308\)\. Pass a delta of at least 1e-306\."),
+    ("delta-share-subnormal", {"delta": 1e-307}, r"delta 1e-307 is too small: .* at least 1e-306"),
     ("mc-samples-zero", {"mc_samples": 0}, r"mc_samples must be an integer >= 1, got 0"),
     ("mc-samples-float", {"mc_samples": 2.5}, r"mc_samples must be an integer >= 1, got 2.5"),
     ("selection-negative", {"selection_samples": -1},
@@ -622,6 +696,27 @@ BAD_INPUTS = [
 def test_bad_input_raises(changes, message):
     with pytest.raises(ValueError, match=message):
         certify(**_bad_call(**changes))
+
+
+def test_tiny_normal_delta_gives_valid_rows():
+    # At delta = 1e-300 every share is a normal float64, so ln(1 / share) is exact to an ulp and
+    # the rows follow the same formulas as at delta = 0.05: ln(1/delta) = 690.8 nats enter each
+    # budget, and the values stay in [0, 1].
+    model, prior_state = trained_pair(steps=5)
+    x, y = make_data(20, seed=2)
+    report = certify(model, prior_state, x, y, delta=1e-300, **FAST)
+    assert report["delta"] == 1e-300
+    for step in report["confidence"]["steps"]:
+        if step["delta_per_event"] is not None:
+            assert step["delta_per_event"] >= 2.2250738585072014e-308
+    for row in report["bounds"]:
+        assert 0.0 <= row["value"] <= 1.0
+        assert math.isfinite(row["complexity"])
+    kl_row = report["bounds"][0]
+    n = report["n_train"]
+    delta_per_sigma = report["confidence"]["pac_bayes_per_sigma"]
+    assert kl_row["complexity"] == pytest.approx(
+        (report["kl"] + math.log(2 * math.sqrt(n) / delta_per_sigma)) / n, rel=1e-15)
 
 
 def test_prior_state_with_unknown_key_raises():

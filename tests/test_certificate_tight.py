@@ -508,6 +508,18 @@ def independent_kl(mean, sigma, prior_state, prior_sigma, names):
     return per_layer
 
 
+def test_prior_scale_edge_warning_names_options():
+    model, prior_state, mean, sigma = posterior_pair()
+    x, y = make_data(30)
+    # A grid of tiny scales: the KL is smallest at its largest value, the edge.
+    with pytest.warns(UserWarning, match="is the largest value of the grid") as caught:
+        certify_diagonal_posterior(model, prior_state, mean, sigma, x, y, mc_samples=1,
+                                   prior_sigma_grid=[1e-4, 1e-3])
+    message = next(str(w.message) for w in caught if "prior scale" in str(w.message))
+    assert "--sigma-grid of 'crsam bound --prior learned'" in message
+    assert "prior_sigma_grid of crsam.certificate.tight_certificate" in message
+
+
 @pytest.mark.parametrize("variance", ["layer", "parameter"])
 def test_kl_against_float64_definition(variance):
     model, prior_state, mean, sigma = posterior_pair(variance=variance)
@@ -709,6 +721,8 @@ TIGHT_BAD_INPUTS = [
     ("weight-decay-nan", {"prior_weight_decay": float("nan")},
      r"prior_weight_decay must be a finite number >= 0, got nan"),
     ("delta-one", {"delta": 1.0}, r"delta must be in \(0, 1\), got 1.0"),
+    # Rejected before the prior training: the shares of a subnormal delta underflow.
+    ("delta-subnormal", {"delta": 1e-320}, r"delta 1e-320 is too small: .* Pass a delta of at least"),
     ("mc-zero", {"mc_samples": 0}, r"mc_samples must be an integer >= 1, got 0"),
     ("scheme-unknown", {"mc_scheme": "both"},
      r"mc_scheme must be one of per-example, per-sample, got 'both'"),
@@ -801,9 +815,13 @@ def test_dziugaite_roy_edge_warns():
         for parameter in model.parameters():
             parameter.add_(1.0)
     # With ||w - w0||^2 / k = 1, the optimal prior variance lies far above c = 0.1.
-    with pytest.warns(UserWarning, match="above the first point of the Dziugaite-Roy grid"):
+    with pytest.warns(UserWarning, match="above the first point of the Dziugaite-Roy grid") as caught:
         result = certify(model, prior_state, x, y, families=BOUND_FAMILIES, mc_samples=2,
                          selection_samples=2, sigma_grid=[0.1])
+    # The advice names the CLI option and the Python parameter that exist.
+    message = next(str(w.message) for w in caught if "Dziugaite-Roy" in str(w.message))
+    assert "--prior-variance-c of 'crsam bound'" in message
+    assert "prior_variance_c of crsam.certificate.certify" in message
     row = next(row for row in result["bounds"] if row["name"] == "dziugaite-roy")
     assert row["at_edge"] is True
     assert row["grid_index"] == 1

@@ -5,6 +5,7 @@ import functools
 import importlib.util
 import io
 import json
+import math
 import random
 import re
 import subprocess
@@ -79,6 +80,16 @@ BAD_INPUT = [
     (["bound", "CKPT", "--delta", "0"], r"--delta 0.0 is outside \(0, 1\); pass a failure probability such as 0.05"),
     (["bound", "CKPT", "--delta", "1.5"], r"--delta 1.5 is outside \(0, 1\)"),
     (["bound", "CKPT", "--delta", "-0.1"], r"--delta -0.1 is outside \(0, 1\)"),
+    (["bound", "CKPT", "--delta", "1"], r"--delta 1.0 is outside \(0, 1\)"),
+    (["bound", "CKPT", "--delta", "nan"], r"--delta nan is outside \(0, 1\)"),
+    (["bound", "CKPT", "--delta", "inf"], r"--delta inf is outside \(0, 1\)"),
+    (["bound", "CKPT", "--mc-samples", str(2**53)],
+     r"--mc-samples 9007199254740992 is too large for 400 examples: .* exceed 2\*\*53; pass --mc-samples 22517998136852 or less"),
+    (["bound", "CKPT", "--sigma-grid", "0.1,x"], r"argument --sigma-grid: 'x' in '0.1,x' is not a number"),
+    (["bound", "CKPT", "--sigma-grid", "0.1,-1"], r"--sigma-grid contains -1.0, which is not a finite number > 0"),
+    (["bound", "CKPT", "--sigma-grid", "0.1,0.1"], r"--sigma-grid 0.1,0.1 repeats a value"),
+    (["bound", "CKPT", "--prior-variance-c", "0"], r"--prior-variance-c 0.0 is not a finite number > 0; pass a scale such as 0.1"),
+    (["bound", "CKPT", "--delta", "1e-320"], r"delta 1e-320 is too small: .* Pass a delta of at least 1e-30\d\."),
     (["bound", "CKPT", "--mc-samples", "0"], r"--mc-samples 0 must be at least 1"),
     (["bound", "CKPT", "--data-dir", "RUN/nowhere"], r"--data-dir '.*nowhere' does not exist"),
     (["curvature", "RUN/missing.pt"], r"checkpoint '.*missing.pt' not found"),
@@ -199,6 +210,24 @@ def test_bound_json(run_dir, capsys):
     assert {"kl", "mcallester"} <= {row["name"] for row in report["bounds"]}
     for row in report["bounds"]:
         assert set(row) >= {"name", "value", "delta", "n", "rigorous"}
+
+
+@needs_certificate
+def test_bound_grid_options(run_dir, capsys):
+    argv = ["bound", run_dir / "checkpoint.pt", "--json", "--mc-samples", "10", "--sigma-grid", "0.001,0.002",
+            "--prior-variance-c", "0.5"]
+    status, out, err = run_cli(argv, capsys)
+    report = strict_json(out)
+    assert status == 0
+    assert report["sigma_grid"] == [0.001, 0.002]
+    row = next(row for row in report["bounds"] if row["name"] == "dziugaite-roy")
+    # The first grid point is c exp(-1 / 100).
+    assert row["prior_variance"] <= 0.5 * math.exp(-1 / 100) * (1 + 1e-15)
+    # Tiny scales put sigma on the grid's edge, and the report's warning names the option just
+    # used. The report lists it, so it is not repeated on stderr.
+    assert any("Pass a grid that extends past it: --sigma-grid of 'crsam bound'" in message
+               for message in report["warnings"])
+    assert "--sigma-grid" not in err
 
 
 def test_verify_without_module(capsys, monkeypatch):

@@ -264,6 +264,24 @@ def test_sample_bound_exact_coverage_for_bernoulli(p, m, delta):
     assert failure_probability <= delta * (1 + 1e-12)
 
 
+@given(probabilities=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=200),
+       delta=st.floats(0.001, 0.5))
+def test_sample_bound_coverage_for_unequal_means(probabilities, delta):
+    # Independent Bernoulli(p_i) draws with different p_i, as in the per-example scheme: the
+    # count k has the Poisson-binomial law, built exactly by convolving the m two-point laws.
+    # The bound must cover the average mean q with failure probability at most delta. Each
+    # convolution adds round-off of a few ulps per entry, so the 1e-12 relative slack covers 200.
+    m = len(probabilities)
+    law = np.array([1.0])
+    for p in probabilities:
+        law = np.convolve(law, [1.0 - p, p])
+    q = math.fsum(probabilities) / m
+    k = np.arange(m + 1)
+    fails = np.asarray(sample_bound(k / m, m, delta)) < q
+    failure_probability = math.fsum(law[fails])
+    assert failure_probability <= delta * (1 + 1e-12)
+
+
 def test_sample_bound_known_zero_mean():
     # All m draws are 0: the bound solves -ln(1 - p) = ln(1/delta) / m, p = 1 - delta^(1/m).
     exact = 1 - mpmath.power(mpmath.mpf(0.01), mpmath.mpf(1) / 1000)

@@ -204,25 +204,7 @@ def kl_inv_upper(q, c):
     >>> abs(kl(0.1, p) - 0.05) < 1e-12
     True
     """
-    q, c = _prepare_inverse(q, c)
-    p = np.empty_like(q)
-
-    # Closed forms: no budget, no room above q, an infinite budget, and q = 0.
-    no_budget = c == 0.0
-    saturated = ~no_budget & ((q == 1.0) | np.isinf(c))
-    zero_risk = ~no_budget & ~saturated & (q == 0.0)
-    general = ~(no_budget | saturated | zero_risk)
-    p[no_budget] = q[no_budget]
-    p[saturated] = 1.0
-    zero_risk_value = -np.expm1(-c[zero_risk] * (1.0 + KL_REL_SLACK))
-    p[zero_risk] = np.nextafter(zero_risk_value, 1.0)
-
-    # Bisection on [q, 1]: kl(q, q) = 0 <= c and kl(q, 1) = inf > c for 0 < q < 1.
-    if np.any(general):
-        q_general = q[general]
-        _, hi = _bisect(q_general, c[general], q_general.copy(), np.ones_like(q_general), True)
-        p[general] = hi
-    return scalar_or_array(p)
+    return _kl_inverse(q, c, upper=True)
 
 
 def kl_inv_lower(q, c):
@@ -247,24 +229,42 @@ def kl_inv_lower(q, c):
     >>> abs(kl(0.1, p) - 0.05) < 1e-12
     True
     """
+    return _kl_inverse(q, c, upper=False)
+
+
+def _kl_inverse(q, c, *, upper):
+    """Compute the upper (``upper=True``) or lower kl inverse; see :func:`kl_inv_upper`."""
     q, c = _prepare_inverse(q, c)
     p = np.empty_like(q)
 
-    # Closed forms: no budget, no room below q, an infinite budget, and q = 1.
+    # Closed forms: no budget, no room on the searched side of q (q = 1 for the upper inverse,
+    # q = 0 for the lower), an infinite budget, and q at the other end.
+    limit, other_end = (1.0, 0.0) if upper else (0.0, 1.0)
     no_budget = c == 0.0
-    saturated = ~no_budget & ((q == 0.0) | np.isinf(c))
-    full_risk = ~no_budget & ~saturated & (q == 1.0)
-    general = ~(no_budget | saturated | full_risk)
+    saturated = ~no_budget & ((q == limit) | np.isinf(c))
+    at_other_end = ~no_budget & ~saturated & (q == other_end)
+    general = ~(no_budget | saturated | at_other_end)
     p[no_budget] = q[no_budget]
-    p[saturated] = 0.0
-    full_risk_value = np.exp(-c[full_risk] * (1.0 + KL_REL_SLACK))
-    p[full_risk] = np.nextafter(full_risk_value, 0.0)
+    p[saturated] = limit
+    if upper:
+        # q = 0: -ln(1 - p) = c, so p = 1 - e^{-c}, rounded up.
+        zero_risk_value = -np.expm1(-c[at_other_end] * (1.0 + KL_REL_SLACK))
+        p[at_other_end] = np.nextafter(zero_risk_value, 1.0)
+    else:
+        # q = 1: -ln p = c, so p = e^{-c}, rounded down.
+        full_risk_value = np.exp(-c[at_other_end] * (1.0 + KL_REL_SLACK))
+        p[at_other_end] = np.nextafter(full_risk_value, 0.0)
 
-    # Bisection on [0, q]: kl(q, 0) = inf > c and kl(q, q) = 0 <= c for 0 < q < 1.
+    # Bisection on [q, 1] (upper) or [0, q] (lower): kl(q, q) = 0 <= c, and kl(q, 1) and
+    # kl(q, 0) are infinite, so above c, for 0 < q < 1.
     if np.any(general):
         q_general = q[general]
-        lo, _ = _bisect(q_general, c[general], np.zeros_like(q_general), q_general.copy(), False)
-        p[general] = lo
+        if upper:
+            _, hi = _bisect(q_general, c[general], q_general.copy(), np.ones_like(q_general), True)
+            p[general] = hi
+        else:
+            lo, _ = _bisect(q_general, c[general], np.zeros_like(q_general), q_general.copy(), False)
+            p[general] = lo
     return scalar_or_array(p)
 
 

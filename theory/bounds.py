@@ -31,6 +31,8 @@ References
 ----------
 - Catoni, O. (2007). PAC-Bayesian supervised classification: the thermodynamics of statistical
   learning. IMS Lecture Notes Monograph Series 56.
+- Hoeffding, W. (1963). Probability inequalities for sums of bounded random variables. Journal
+  of the American Statistical Association 58(301).
 - Langford, J., & Caruana, R. (2001). (Not) bounding the true error. NeurIPS 14.
 - Maurer, A. (2004). A note on the PAC Bayesian theorem. arXiv:cs/0411099.
 - McAllester, D. (1999). PAC-Bayesian model averaging. COLT.
@@ -371,27 +373,37 @@ def catoni_grid_bound(risk, kl, n, delta, grid):
 def sample_bound(mean, m, delta):
     r"""Compute the Langford-Caruana upper bound on an expectation from Monte-Carlo samples.
 
-    Given the mean :math:`\hat q` of :math:`m` i.i.d. draws of a [0, 1]-valued variable with
-    expectation :math:`q` (for example the empirical risk of :math:`m` weight samples from
-    :math:`Q`, each evaluated on the whole bound set), with probability at least :math:`1 - \delta`
+    Given the mean :math:`\hat q` of :math:`m` independent [0, 1]-valued draws whose expectations
+    average to :math:`q`, with probability at least :math:`1 - \delta`
 
     .. math::
 
         q \le \mathrm{kl}^{-1}_{+}\big(\hat q, \ln(1/\delta) / m\big).
 
-    The budget uses :math:`\ln(1/\delta)`, not the :math:`\ln(2/\delta)` of Langford and Caruana
-    (2001), because only the upper side is bounded: the one-sided Chernoff bound
-    :math:`\Pr(\hat q \le q - t) \le e^{-m\,\mathrm{kl}(q - t\|q)}` holds for [0, 1]-valued
-    variables (Maurer 2004 bounds their exponential moments by those of Bernoulli variables), and the event
+    The draws need not be identically distributed. Theorem 1 of Hoeffding (1963) bounds the upper
+    tail of the average of independent [0, 1]-valued variables by
+    :math:`\Pr(\hat q \ge q + t) \le e^{-m\,\mathrm{kl}(q + t\|q)}`, with :math:`q` the average
+    of their means. Applied to :math:`1 - X_i` it gives the lower tail
+    :math:`\Pr(\hat q \le q - t) \le e^{-m\,\mathrm{kl}(q - t\|q)}`, and the event
     :math:`q > \mathrm{kl}^{-1}_{+}(\hat q, c)` implies :math:`\hat q < q` with
-    :math:`\mathrm{kl}(\hat q\|q) > c`.
+    :math:`\mathrm{kl}(\hat q\|q) > c`. Two cases use this:
+
+    - i.i.d. draws, for example the empirical risks of :math:`m` weight samples from :math:`Q`,
+      each evaluated on the whole bound set (Langford and Caruana 2001);
+    - independent draws with different means, for example one 0-1 loss per example, each at its
+      own fresh weight sample, whose means are the per-example errors and average to the
+      posterior's empirical risk.
+
+    The budget uses :math:`\ln(1/\delta)`, not the :math:`\ln(2/\delta)` of Langford and Caruana
+    (2001), because only the upper side of :math:`q` is bounded. Call with :math:`\delta/2` to
+    reproduce their two-sided budget.
 
     Parameters
     ----------
     mean : float or array_like
         Monte-Carlo mean in [0, 1] (round-off of at most 1e-12 outside is clipped).
     m : int or array_like
-        Number of i.i.d. draws, >= 1. ``mean`` must be their plain average.
+        Number of independent draws, >= 1. ``mean`` must be their plain average.
     delta : float or array_like
         Failure probability in (0, 1).
 

@@ -21,12 +21,21 @@ from .gaussian import (
     DEFAULT_FAMILIES,
     DEFAULT_MC_SAMPLES,
     DEFAULT_MONTE_CARLO_FRACTION,
+    DEFAULT_PRIOR_VARIANCE_B,
+    DEFAULT_PRIOR_VARIANCE_C,
     DEFAULT_SELECTION_SAMPLES,
     DEFAULT_SIGMA_GRID,
     certify,
     noise_seeds,
 )
-from .montecarlo import ParameterLayout, WeightSampler, count_errors, estimate_errors
+from .montecarlo import (
+    MAX_DRAWS,
+    MonteCarloErrors,
+    ParameterLayout,
+    WeightSampler,
+    count_errors,
+    estimate_errors,
+)
 from .table import format_certificate_table
 from .tight import (
     DEFAULT_TIGHT_MC_SAMPLES,
@@ -46,9 +55,13 @@ __all__ = [
     "DEFAULT_FAMILIES",
     "DEFAULT_MC_SAMPLES",
     "DEFAULT_MONTE_CARLO_FRACTION",
+    "DEFAULT_PRIOR_VARIANCE_B",
+    "DEFAULT_PRIOR_VARIANCE_C",
     "DEFAULT_SELECTION_SAMPLES",
     "DEFAULT_SIGMA_GRID",
     "DEFAULT_TIGHT_MC_SAMPLES",
+    "MAX_DRAWS",
+    "MonteCarloErrors",
     "ParameterLayout",
     "WeightSampler",
     "certify",

@@ -83,6 +83,7 @@ References
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -107,6 +108,7 @@ from crsam.theory import (
 
 from .montecarlo import (
     ParameterLayout,
+    check_sample_count,
     count_errors,
     estimate_errors,
     resolve_method,
@@ -206,7 +208,9 @@ def certify(
     x_test, y_test : torch.Tensor, optional
         Held-out examples, for the reported test errors only.
     delta : float
-        Total failure probability in (0, 1).
+        Total failure probability in (0, 1). Every share of it per event must be a normal
+        float64 (at least 2.2e-308). A smaller delta raises ValueError, which names the smallest
+        delta that fits the chosen grids (1e-303 for the defaults of ``crsam bound``).
     mc_samples : int
         Weight samples :math:`m` of the certification step.
     selection_samples : int
@@ -283,6 +287,8 @@ def certify(
     catoni_constants = check_catoni_grid(catoni_grid)
     check_prior_variance_grid(prior_variance_b, prior_variance_c)
     layout = _check_model_and_data(model, prior_state, x_train, y_train, x_test, y_test)
+    check_sample_count("mc_samples", mc_samples, int(x_train.shape[0]))
+    check_sample_count("selection_samples", selection_samples, int(x_train.shape[0]))
     prior_section = _prior_section(prior_info)
 
     # Flat weight vectors of the posterior mean w and the prior centre w0.
@@ -380,15 +386,7 @@ def certify(
         warnings.warn(message, stacklevel=2)
 
     report = {
-        "train_error": mean_errors["train"],
-        "test_error": mean_errors.get("test"),
-        "n_train": n,
-        "n_test": int(x_test.shape[0]) if x_test is not None else None,
-        "num_classes": num_classes,
-        "chance_error": chance_error,
-        "delta": delta,
-        "bounds": bounds,
-        "best_bound": _best_bound(bounds),
+        **headline_section(mean_errors, n, x_test, num_classes, chance_error, delta, bounds),
         "procedure": "sigma-grid",
         "confidence": budget,
         "sigma": sigma,
@@ -429,13 +427,8 @@ def certify(
             "seed": seed,
             "selection_seed": selection_seed,
             "certification_seed": certification_seed,
-            "crsam_version": crsam.__version__,
-            "torch_version": torch.__version__,
-            "dtype": str(center.dtype).removeprefix("torch."),
-            "device": str(center.device),
-            "method": method,
-            "batch_size": batch_size,
-            "sample_batch_size": sample_batch_size,
+            **software_provenance(center.dtype, center.device, method, batch_size,
+                                  sample_batch_size),
             # Same digest as crsam.data: over all four tensors it equals the data set's sha256.
             "train_sha256": hash_tensors(x_train, y_train),
             "data_sha256": hash_tensors(*(t for pair in datasets.values() for t in pair)),
@@ -448,6 +441,14 @@ def certify(
 def _check_options(delta, mc_samples, selection_samples, sigma_grid, monte_carlo_fraction, seed,
                    batch_size, sample_batch_size, method) -> tuple[float, ...]:
     """Validate the scalar options and return the sorted sigma grid."""
+    check_budget_options(delta, monte_carlo_fraction, seed, method, mc_samples=mc_samples,
+                         selection_samples=selection_samples, batch_size=batch_size,
+                         sample_batch_size=sample_batch_size)
+    return check_scale_grid(sigma_grid, "sigma_grid", DEFAULT_SIGMA_GRID, "[0.01, 0.03, 0.1]")
+
+
+def check_budget_options(delta, monte_carlo_fraction, seed, method, **counts) -> None:
+    """Validate the options that every certificate shares; ``counts`` are integers >= 1."""
     if not _is_real(delta) or not 0.0 < delta < 1.0:
         raise ValueError(
             f"delta must be in (0, 1), got {delta!r}; pass the total failure probability, "
@@ -458,33 +459,38 @@ def _check_options(delta, mc_samples, selection_samples, sigma_grid, monte_carlo
             f"monte_carlo_fraction must be in (0, 1), got {monte_carlo_fraction!r}; it is the "
             "share of delta spent on the Monte-Carlo bound, for example 0.5"
         )
-    for name, value in (("mc_samples", mc_samples), ("selection_samples", selection_samples),
-                        ("batch_size", batch_size), ("sample_batch_size", sample_batch_size)):
+    for name, value in counts.items():
         if not _is_integer(value) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if not _is_integer(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     resolve_method(nn.Identity(), method)
 
+
+def check_scale_grid(values, name, default, example) -> tuple[float, ...]:
+    """Validate a grid fixed before the data (finite, positive, distinct) and return it sorted.
+
+    ``values`` None selects ``default``. ``example`` is a grid to suggest in the messages.
+    """
     # The grid: finite, positive, distinct values, sorted ascending.
-    grid = DEFAULT_SIGMA_GRID if sigma_grid is None else sigma_grid
+    grid = default if values is None else values
     if isinstance(grid, np.ndarray) and grid.ndim == 1:
         grid = grid.tolist()
     if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or len(grid) == 0:
         raise ValueError(
-            f"sigma_grid must be a non-empty sequence of positive numbers, got {sigma_grid!r}; "
-            "pass for example [0.01, 0.03, 0.1] or None for the default grid"
+            f"{name} must be a non-empty sequence of positive numbers, got {values!r}; "
+            f"pass for example {example} or None for the default grid"
         )
     for value in grid:
         if not _is_real(value) or not math.isfinite(value) or value <= 0.0:
             raise ValueError(
-                f"sigma_grid must contain finite positive numbers, got {value!r} in it; "
+                f"{name} must contain finite positive numbers, got {value!r} in it; "
                 "remove it or pass None for the default grid"
             )
     ordered = tuple(sorted(float(value) for value in grid))
     if len(set(ordered)) != len(ordered):
         raise ValueError(
-            f"sigma_grid contains repeated values: {list(grid)}; each repeat costs confidence "
+            f"{name} contains repeated values: {list(grid)}; each repeat costs confidence "
             "for nothing, so pass distinct values"
         )
     return ordered
@@ -708,7 +714,8 @@ def _grid_edge_warning(grid, sigma) -> str | None:
     side = "smallest" if index == 0 else "largest"
     return (
         f"the chosen sigma {sigma:.4g} is the {side} value of the grid, so a wider grid might "
-        "give a tighter bound; pass a sigma_grid that extends past it"
+        "give a tighter bound. Pass a grid that extends past it: --sigma-grid of 'crsam bound', "
+        "or sigma_grid of crsam.certificate.certify"
     )
 
 
@@ -739,27 +746,7 @@ def check_families(families) -> tuple[str, ...]:
 
 def check_catoni_grid(catoni_grid) -> tuple[float, ...]:
     """Validate Catoni's constants (finite, positive, distinct) and return them sorted."""
-    grid = DEFAULT_CATONI_GRID if catoni_grid is None else catoni_grid
-    if isinstance(grid, np.ndarray) and grid.ndim == 1:
-        grid = grid.tolist()
-    if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or len(grid) == 0:
-        raise ValueError(
-            f"catoni_grid must be a non-empty sequence of positive numbers, got {catoni_grid!r}; "
-            "pass for example [0.5, 1.0, 2.0] or None for the default grid"
-        )
-    for value in grid:
-        if not _is_real(value) or not math.isfinite(value) or value <= 0.0:
-            raise ValueError(
-                f"catoni_grid must contain finite positive numbers, got {value!r} in it; "
-                "remove it or pass None for the default grid"
-            )
-    ordered = tuple(sorted(float(value) for value in grid))
-    if len(set(ordered)) != len(ordered):
-        raise ValueError(
-            f"catoni_grid contains repeated values: {list(grid)}; each repeat costs confidence "
-            "for nothing, so pass distinct values"
-        )
-    return ordered
+    return check_scale_grid(catoni_grid, "catoni_grid", DEFAULT_CATONI_GRID, "[0.5, 1.0, 2.0]")
 
 
 def check_prior_variance_grid(b, c) -> None:
@@ -781,7 +768,8 @@ def confidence_budget(delta, monte_carlo_fraction, families, grid_size, catoni_g
     grid, Catoni's family over the pairs of grid value and constant, and the Dziugaite-Roy
     family over its countable prior-variance grid. Returns the report's ``confidence`` section,
     whose ``steps`` list each share: their deltas add up to ``delta`` (up to float64 rounding of
-    the divisions, a few ulps).
+    the divisions, a few ulps). Raises ValueError when a share per event is below the smallest
+    normal float64.
     """
     delta_monte_carlo = delta * monte_carlo_fraction
     delta_pac_bayes = delta - delta_monte_carlo
@@ -825,6 +813,8 @@ def confidence_budget(delta, monte_carlo_fraction, families, grid_size, catoni_g
             "description": "PAC-Bayes-kl event for each prior variance c exp(-j / b), "
                            "j = 1, 2, ..., with 6 delta / (pi^2 j^2) for point j",
         })
+    _check_shares_normal(delta, steps, lambda: confidence_budget(
+        1.0, monte_carlo_fraction, families, grid_size, catoni_grid_size)["steps"])
     return {
         "delta": delta,
         "pac_bayes": delta_pac_bayes,
@@ -835,6 +825,27 @@ def confidence_budget(delta, monte_carlo_fraction, families, grid_size, catoni_g
         "families": shares,
         "steps": steps,
     }
+
+
+def _check_shares_normal(delta, steps, unit_steps) -> None:
+    """Raise ValueError when a share of ``delta`` per event is below the smallest normal float64.
+
+    Below ``sys.float_info.min`` (2.2e-308) a float64 is subnormal and loses relative precision,
+    and a share that underflows to 0 makes ``ln(1 / delta)`` infinite. ``unit_steps()`` returns
+    the steps for ``delta = 1``, whose shares are the fractions of ``delta`` that each event gets.
+    """
+    per_event = [step["delta_per_event"] for step in steps if step["delta_per_event"] is not None]
+    smallest = min(per_event + [delta])
+    if smallest >= sys.float_info.min:
+        return
+    fractions = [step["delta_per_event"] for step in unit_steps() if step["delta_per_event"] is not None]
+    floor = sys.float_info.min / min(fractions + [1.0])
+    suggestion = 10.0 ** math.ceil(math.log10(floor))
+    raise ValueError(
+        f"delta {delta!r} is too small: split among the certificate's events, its smallest share "
+        f"is {smallest!r}, below the smallest normal float64 ({sys.float_info.min!r}). Pass a "
+        f"delta of at least {suggestion:.0e}."
+    )
 
 
 def family_rows(budget, empirical, n, chance_error, *, rigorous, kl_nats, catoni_grid,
@@ -871,7 +882,8 @@ def family_rows(budget, empirical, n, chance_error, *, rigorous, kl_nats, catoni
             row_warnings.append(
                 f"the prior variance {row['requested_variance']:.4g} that minimizes the KL lies "
                 f"above the first point of the Dziugaite-Roy grid ({row['prior_variance']:.4g}), "
-                "so the dziugaite-roy row uses that point; pass a larger prior_variance_c"
+                "so the dziugaite-roy row uses that point. Pass a larger c: --prior-variance-c "
+                "of 'crsam bound', or prior_variance_c of crsam.certificate.certify"
             )
     return rows, row_warnings
 
@@ -1022,6 +1034,20 @@ def _rigor_caveats(model: nn.Module, prior_state) -> list[str]:
 
 def _posterior_section(sigma, layout, mean_errors, estimates) -> dict:
     """Describe the posterior and its errors, marking the quantity the bounds certify."""
+    return {
+        "distribution": "N(w, sigma^2 I)",
+        "sigma": sigma,
+        "num_parameters": layout.num_parameters,
+        "certified": "stochastic",
+        "certified_description": "expected 0-1 error on the data distribution of the "
+                                 "stochastic predictor w + sigma e, e ~ N(0, I), with fresh "
+                                 "weights for each prediction",
+        "errors": posterior_errors(mean_errors, estimates),
+    }
+
+
+def posterior_errors(mean_errors, estimates) -> dict:
+    """Collect the stochastic, posterior-mean and ensemble errors on the train (or bound) and test sets."""
     def stochastic(split):
         estimate = estimates.get(split)
         if estimate is None:
@@ -1035,18 +1061,37 @@ def _posterior_section(sigma, layout, mean_errors, estimates) -> dict:
         return estimate.ensemble_errors / estimate.n
 
     return {
-        "distribution": "N(w, sigma^2 I)",
-        "sigma": sigma,
-        "num_parameters": layout.num_parameters,
-        "certified": "stochastic",
-        "certified_description": "expected 0-1 error on the data distribution of the "
-                                 "stochastic predictor w + sigma e, e ~ N(0, I), with fresh "
-                                 "weights for each prediction",
-        "errors": {
-            "stochastic": {"train": stochastic("train"), "test": stochastic("test")},
-            "mean": {"train": mean_errors["train"], "test": mean_errors.get("test")},
-            "ensemble": {"train": ensemble("train"), "test": ensemble("test")},
-        },
+        "stochastic": {"train": stochastic("train"), "test": stochastic("test")},
+        "mean": {"train": mean_errors["train"], "test": mean_errors.get("test")},
+        "ensemble": {"train": ensemble("train"), "test": ensemble("test")},
+    }
+
+
+def headline_section(mean_errors, n, x_test, num_classes, chance_error, delta, bounds) -> dict:
+    """Return the leading report keys that every certificate shares, in their order."""
+    return {
+        "train_error": mean_errors["train"],
+        "test_error": mean_errors.get("test"),
+        "n_train": n,
+        "n_test": int(x_test.shape[0]) if x_test is not None else None,
+        "num_classes": num_classes,
+        "chance_error": chance_error,
+        "delta": delta,
+        "bounds": bounds,
+        "best_bound": _best_bound(bounds),
+    }
+
+
+def software_provenance(dtype, device, method, batch_size, sample_batch_size) -> dict:
+    """Return the provenance keys that every certificate shares: versions and evaluation setup."""
+    return {
+        "crsam_version": crsam.__version__,
+        "torch_version": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
+        "method": method,
+        "batch_size": batch_size,
+        "sample_batch_size": sample_batch_size,
     }
 
 

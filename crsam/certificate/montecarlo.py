@@ -24,6 +24,7 @@ group per sample (``aten/src/ATen/functorch/BatchRulesConvolution.cpp``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -33,6 +34,11 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 METHODS = ("auto", "vmap", "loop")
+
+# Largest number of 0-1 draws (weight samples times examples) in one estimate. The per-example
+# scheme passes this count to the Monte-Carlo bound, which computes in float64, and every integer
+# up to 2**53 is exact there.
+MAX_DRAWS = 2**53
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                  nn.ConvTranspose3d)
@@ -167,36 +173,59 @@ def count_errors(
 
 @dataclass
 class MonteCarloErrors:
-    """Per-sample error counts of one weight-sample stream on one data set.
+    """Running totals of the per-sample error counts of one weight-sample stream on one data set.
 
-    ``counts[j]`` is the number of misclassified examples among ``n`` for weight sample ``j``.
-    ``ensemble_errors`` is the number of errors of the mean softmax output over all samples.
+    ``count_j`` is the number of misclassified examples among ``n`` for weight sample ``j``.
+    ``error_total`` is the sum of ``count_j`` and ``error_square_total`` the sum of
+    ``count_j ** 2``, both Python integers, so they are exact for any number of samples and the
+    memory does not grow with it. ``ensemble_errors`` is the number of errors of the mean softmax
+    output over all samples.
     """
 
-    counts: np.ndarray
     n: int
+    samples: int = 0
+    error_total: int = 0
+    error_square_total: int = 0
     ensemble_errors: int | None = None
 
-    @property
-    def samples(self) -> int:
-        """Number of weight samples."""
-        return int(self.counts.shape[0])
+    def add(self, counts: np.ndarray | torch.Tensor) -> None:
+        """Add the error counts of a chunk of weight samples to the totals."""
+        values = [int(count) for count in counts.tolist()]
+        self.samples += len(values)
+        self.error_total += sum(values)
+        self.error_square_total += sum(value * value for value in values)
 
     @property
     def mean(self) -> float:
-        """Mean 0-1 error over samples and examples, ``sum_j count_j / (m n)``, in float64."""
-        return float(self.counts.sum(dtype=np.int64)) / (self.samples * self.n)
+        """Mean 0-1 error over samples and examples, ``sum_j count_j / (m n)``.
+
+        Python divides the two exact integers with one rounding, so this is the correctly rounded
+        float64 of the exact mean.
+        """
+        return self.error_total / (self.samples * self.n)
 
     @property
     def stderr(self) -> float | None:
         """Standard error of ``mean``: sample standard deviation of ``count_j / n`` over sqrt(m).
 
-        None for a single sample, whose spread is unknown.
+        The sample variance ``(m S2 - S1^2) / (m (m - 1) n^2)`` is formed from exact integers and
+        rounded once. None for a single sample, whose spread is unknown.
         """
-        if self.samples < 2:
+        m = self.samples
+        if m < 2:
             return None
-        errors = self.counts.astype(np.float64) / self.n
-        return float(errors.std(ddof=1) / np.sqrt(self.samples))
+        variance = (m * self.error_square_total - self.error_total**2) / (m * (m - 1) * self.n**2)
+        return math.sqrt(variance / m)
+
+
+def check_sample_count(name: str, samples: int, n: int) -> None:
+    """Raise ValueError when ``samples`` draws over ``n`` examples exceed ``MAX_DRAWS``."""
+    if samples * n > MAX_DRAWS:
+        raise ValueError(
+            f"{name} {samples} is too large for {n} examples: {samples} x {n} draws exceed "
+            f"2**53 = {MAX_DRAWS}, the largest count that float64 holds exactly. Pass {name} "
+            f"<= {MAX_DRAWS // n}."
+        )
 
 
 def estimate_errors(
@@ -223,7 +252,7 @@ def estimate_errors(
     chunk of ``sample_batch_size`` samples.
     """
     sampler = WeightSampler(center, sigma, seed)
-    counts: dict[str, list[np.ndarray]] = {name: [] for name in datasets}
+    totals = {name: MonteCarloErrors(int(x.shape[0])) for name, (x, _) in datasets.items()}
     probability_sums = {}
     if ensemble_classes is not None:
         probability_sums = {
@@ -232,24 +261,22 @@ def estimate_errors(
             for name, (x, _) in datasets.items()
         }
 
-    # Draw each chunk of weight samples once and evaluate it on every data set.
+    # Draw each chunk of weight samples once, evaluate it on every data set and keep only the
+    # running totals, so memory is bounded by one chunk whatever num_samples is.
     done = 0
     while done < num_samples:
         weights = sampler.draw(min(sample_batch_size, num_samples - done))
         for name, (x, y) in datasets.items():
             chunk_counts = count_errors(model, layout, weights, x, y, batch_size=batch_size,
                                         method=method, probability_sum=probability_sums.get(name))
-            counts[name].append(chunk_counts.cpu().numpy())
+            totals[name].add(chunk_counts.cpu())
         done += weights.shape[0]
+        del weights
         if progress is not None:
             progress(done, num_samples)
 
-    results = {}
-    for name, (x, y) in datasets.items():
-        ensemble_errors = None
+    for name, (_, y) in datasets.items():
         if name in probability_sums:
             predictions = probability_sums[name].argmax(dim=-1).cpu()
-            ensemble_errors = int((predictions != y.cpu()).sum())
-        results[name] = MonteCarloErrors(np.concatenate(counts[name]), int(x.shape[0]),
-                                         ensemble_errors)
-    return results
+            totals[name].ensemble_errors = int((predictions != y.cpu()).sum())
+    return totals

@@ -72,7 +72,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-import crsam
 from crsam.data import PriorSplit, hash_tensors, split_for_prior
 from crsam.theory import gaussian_kl, kl_inv_upper, kl_inv_upper_grad, sample_bound
 
@@ -83,19 +82,29 @@ from .gaussian import (
     DEFAULT_PRIOR_VARIANCE_B,
     DEFAULT_PRIOR_VARIANCE_C,
     DEFAULT_SIGMA_GRID,
-    _best_bound,
     _is_integer,
     _is_real,
     _json_safe,
     _resolve_method_with_fallback,
     _rigor_caveats,
+    check_budget_options,
     check_catoni_grid,
     check_families,
     check_prior_variance_grid,
+    check_scale_grid,
     confidence_budget,
     family_rows,
+    headline_section,
+    posterior_errors,
+    software_provenance,
 )
-from .montecarlo import MonteCarloErrors, ParameterLayout, count_errors, resolve_method
+from .montecarlo import (
+    MonteCarloErrors,
+    ParameterLayout,
+    check_sample_count,
+    count_errors,
+    resolve_method,
+)
 
 OBJECTIVES = ("quad", "kl")
 MC_SCHEMES = ("per-example", "per-sample")
@@ -453,14 +462,14 @@ def _estimate_diagonal_errors(model, layout, mean, sigma, seed, num_samples, dat
     """Evaluate the diagonal posterior's 0-1 error on each data set by Monte Carlo.
 
     ``scheme="per-sample"``: ``num_samples`` weight samples, each evaluated on every example;
-    ``counts[j]`` is the number of errors of sample ``j``. ``scheme="per-example"``:
+    ``count_j`` is the number of errors of sample ``j``. ``scheme="per-example"``:
     ``num_samples`` rounds, and in each round every example gets its own fresh weight sample;
-    ``counts[r]`` is the number of errors of round ``r``. In both cases the mean of
-    ``counts / n`` is an unbiased estimate of the posterior's error, and the summed softmax
-    outputs give the ensemble error.
+    ``count_r`` is the number of errors of round ``r``. In both cases the mean of
+    ``count / n`` is an unbiased estimate of the posterior's error, and the summed softmax
+    outputs give the ensemble error. Only running totals are kept (see ``MonteCarloErrors``).
     """
     generator = torch.Generator(device=mean.device).manual_seed(int(seed))
-    counts = {name: [] for name in datasets}
+    totals = {name: MonteCarloErrors(int(x.shape[0])) for name, (x, _) in datasets.items()}
     probability_sums = {
         name: torch.zeros((x.shape[0], num_classes), dtype=torch.float64, device=mean.device)
         for name, (x, _) in datasets.items()
@@ -475,7 +484,7 @@ def _estimate_diagonal_errors(model, layout, mean, sigma, seed, num_samples, dat
             for name, (x, y) in datasets.items():
                 chunk = count_errors(model, layout, weights, x, y, batch_size=batch_size,
                                      method=method, probability_sum=probability_sums[name])
-                counts[name].append(chunk.cpu().numpy())
+                totals[name].add(chunk.cpu())
             done += weights.shape[0]
             if progress is not None:
                 progress("certification", done, num_samples)
@@ -496,17 +505,14 @@ def _estimate_diagonal_errors(model, layout, mean, sigma, seed, num_samples, dat
                         errors += int((logits.argmax(dim=-1) != labels).sum())
                         stop = start + inputs.shape[0]
                         probability_sums[name][start:stop] += torch.softmax(logits.double(), dim=-1)
-                counts[name].append(np.array([errors], dtype=np.int64))
+                totals[name].add(np.array([errors], dtype=np.int64))
             if progress is not None:
                 progress("certification", round_index + 1, num_samples)
 
-    results = {}
-    for name, (x, y) in datasets.items():
+    for name, (_, y) in datasets.items():
         predictions = probability_sums[name].argmax(dim=-1).cpu()
-        ensemble_errors = int((predictions != y.cpu()).sum())
-        results[name] = MonteCarloErrors(np.concatenate(counts[name]), int(x.shape[0]),
-                                         ensemble_errors)
-    return results
+        totals[name].ensemble_errors = int((predictions != y.cpu()).sum())
+    return totals
 
 
 def certify_diagonal_posterior(
@@ -613,18 +619,20 @@ def certify_diagonal_posterior(
     started = time.perf_counter()
 
     # Check the arguments before any forward pass.
-    grid = _check_sigma_grid(prior_sigma_grid, "prior_sigma_grid")
+    grid = check_scale_grid(prior_sigma_grid, "prior_sigma_grid", DEFAULT_SIGMA_GRID,
+                            "[0.01, 0.03, 0.1]")
     families = check_families(families)
     catoni_constants = check_catoni_grid(catoni_grid)
     check_prior_variance_grid(prior_variance_b, prior_variance_c)
-    _check_budget_options(delta, monte_carlo_fraction, mc_samples, seed, batch_size,
-                          sample_batch_size, method)
+    check_budget_options(delta, monte_carlo_fraction, seed, method, mc_samples=mc_samples,
+                         batch_size=batch_size, sample_batch_size=sample_batch_size)
     if mc_scheme not in MC_SCHEMES:
         raise ValueError(f"mc_scheme must be one of {', '.join(MC_SCHEMES)}, got {mc_scheme!r}")
     layout = ParameterLayout.from_model(model)
     _check_state(layout, prior_state, "prior_state")
     _check_state(layout, posterior_mean, "posterior_mean")
     _check_labelled(x_bound, y_bound, "bound")
+    check_sample_count("mc_samples", mc_samples, int(x_bound.shape[0]))
     if (x_test is None) != (y_test is None):
         raise ValueError("x_test and y_test must be given together; pass both or neither")
     if x_test is not None:
@@ -712,22 +720,16 @@ def certify_diagonal_posterior(
         side = "smallest" if chosen_index == 0 else "largest"
         report_warnings.append(
             f"the chosen prior scale {prior_sigma:.4g} is the {side} value of the grid, so a "
-            "wider grid might give a smaller KL; pass a prior_sigma_grid that extends past it"
+            "wider grid might give a smaller KL. Pass a grid that extends past it: --sigma-grid "
+            "of 'crsam bound --prior learned', or prior_sigma_grid of "
+            "crsam.certificate.tight_certificate"
         )
     for message in report_warnings:
         warnings.warn(message, stacklevel=2)
 
     report = {
         "procedure": "learned-prior",
-        "train_error": mean_errors["train"],
-        "test_error": mean_errors.get("test"),
-        "n_train": n,
-        "n_test": int(x_test.shape[0]) if x_test is not None else None,
-        "num_classes": num_classes,
-        "chance_error": chance_error,
-        "delta": delta,
-        "bounds": bounds,
-        "best_bound": _best_bound(bounds),
+        **headline_section(mean_errors, n, x_test, num_classes, chance_error, delta, bounds),
         "confidence": budget,
         "sigma_grid": list(grid),
         "sigma_grid_cost_nats": math.log(len(grid)),
@@ -754,7 +756,7 @@ def certify_diagonal_posterior(
             "certified_description": "expected 0-1 error on the data distribution of the "
                                      "stochastic predictor mu + s * e, e ~ N(0, I), with fresh "
                                      "weights for each prediction",
-            "errors": _posterior_errors(mean_errors, estimates),
+            "errors": posterior_errors(mean_errors, estimates),
         },
         "prior": {
             "kind": "learned",
@@ -768,37 +770,12 @@ def certify_diagonal_posterior(
         "warnings": report_warnings,
         "provenance": {
             "certification_seed": seed,
-            "crsam_version": crsam.__version__,
-            "torch_version": torch.__version__,
-            "dtype": str(dtype).removeprefix("torch."),
-            "device": str(device),
-            "method": method,
-            "batch_size": batch_size,
-            "sample_batch_size": sample_batch_size,
+            **software_provenance(dtype, device, method, batch_size, sample_batch_size),
             "bound_sha256": hash_tensors(x_bound, y_bound),
             "runtime_seconds": time.perf_counter() - started,
         },
     }
     return _json_safe(report)
-
-
-def _posterior_errors(mean_errors, estimates) -> dict:
-    """Stochastic, posterior-mean and ensemble errors on the bound split and the test set."""
-    def stochastic(split):
-        estimate = estimates.get(split)
-        if estimate is None:
-            return None
-        return {"mean": estimate.mean, "stderr": estimate.stderr, "samples": estimate.samples}
-
-    def ensemble(split):
-        estimate = estimates.get(split)
-        return None if estimate is None else estimate.ensemble_errors / estimate.n
-
-    return {
-        "stochastic": {"train": stochastic("train"), "test": stochastic("test")},
-        "mean": {"train": mean_errors["train"], "test": mean_errors.get("test")},
-        "ensemble": {"train": ensemble("train"), "test": ensemble("test")},
-    }
 
 
 def _per_layer(layout, mean, sigma, prior_mean, prior_sigma) -> list[dict]:
@@ -957,14 +934,17 @@ def tight_certificate(
         posterior_lr_mean=posterior_lr_mean, posterior_lr_sigma=posterior_lr_sigma,
         posterior_batch_size=posterior_batch_size,
     )
-    _check_budget_options(delta, monte_carlo_fraction, mc_samples, seed, batch_size,
-                          sample_batch_size, method)
+    check_budget_options(delta, monte_carlo_fraction, seed, method, mc_samples=mc_samples,
+                         batch_size=batch_size, sample_batch_size=sample_batch_size)
     if mc_scheme not in MC_SCHEMES:
         raise ValueError(f"mc_scheme must be one of {', '.join(MC_SCHEMES)}, got {mc_scheme!r}")
     families = check_families(families)
-    grid = _check_sigma_grid(prior_sigma_grid, "prior_sigma_grid")
+    grid = check_scale_grid(prior_sigma_grid, "prior_sigma_grid", DEFAULT_SIGMA_GRID,
+                            "[0.01, 0.03, 0.1]")
     catoni_constants = check_catoni_grid(catoni_grid)
     check_prior_variance_grid(prior_variance_b, prior_variance_c)
+    # Reject a delta whose shares underflow now, before the prior training.
+    confidence_budget(delta, monte_carlo_fraction, families, len(grid), len(catoni_constants))
     layout = ParameterLayout.from_model(model)
     if layout.num_parameters == 0:
         raise ValueError("model has no parameters, so there is no posterior to certify; "
@@ -982,6 +962,7 @@ def tight_certificate(
     if split is None:
         split = split_for_prior(int(y_train.shape[0]), prior_fraction, seed=split_seed)
     split_section = _check_split(split, int(y_train.shape[0]))
+    check_sample_count("mc_samples", mc_samples, split_section["n_bound"])
     x_prior, y_prior = x_train[split.prior_indices], y_train[split.prior_indices]
     x_bound, y_bound = x_train[split.bound_indices], y_train[split.bound_indices]
     seeds = tight_noise_seeds(seed)
@@ -1203,40 +1184,6 @@ def _flat_sigma(layout: ParameterLayout, posterior_sigma) -> torch.Tensor:
                              f"{float(bad)!r}")
         pieces.append(value.expand(shape).reshape(-1))
     return torch.cat(pieces)
-
-
-def _check_sigma_grid(grid, name) -> tuple[float, ...]:
-    """Validate a grid of scales (finite, positive, distinct) and return it sorted."""
-    values = DEFAULT_SIGMA_GRID if grid is None else grid
-    if isinstance(values, np.ndarray) and values.ndim == 1:
-        values = values.tolist()
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
-        raise ValueError(f"{name} must be a non-empty sequence of positive numbers, got {grid!r}")
-    for value in values:
-        if not _is_real(value) or not math.isfinite(value) or value <= 0.0:
-            raise ValueError(f"{name} must contain finite positive numbers, got {value!r} in it")
-    ordered = tuple(sorted(float(value) for value in values))
-    if len(set(ordered)) != len(ordered):
-        raise ValueError(f"{name} contains repeated values: {list(values)}; each repeat costs "
-                         "confidence for nothing, so pass distinct values")
-    return ordered
-
-
-def _check_budget_options(delta, monte_carlo_fraction, mc_samples, seed, batch_size,
-                          sample_batch_size, method) -> None:
-    """Validate the certificate's scalar options."""
-    if not _is_real(delta) or not 0.0 < delta < 1.0:
-        raise ValueError(f"delta must be in (0, 1), got {delta!r}; pass the total failure "
-                         "probability, for example delta=0.05")
-    if not _is_real(monte_carlo_fraction) or not 0.0 < monte_carlo_fraction < 1.0:
-        raise ValueError(f"monte_carlo_fraction must be in (0, 1), got {monte_carlo_fraction!r}")
-    for name, value in (("mc_samples", mc_samples), ("batch_size", batch_size),
-                        ("sample_batch_size", sample_batch_size)):
-        if not _is_integer(value) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if not _is_integer(seed) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    resolve_method(nn.Identity(), method)
 
 
 def _check_tight_options(**options) -> None:
