@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crsam import __version__
+from crsam import __version__, distributed
 from crsam.checkpoint import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -215,8 +215,6 @@ def check_options(config: dict[str, Any]) -> None:
         raise UsageError(
             f"--perturbation {config['perturbation']!r} is unknown; choose one of {', '.join(PERTURBATION_CHOICES)}"
         )
-    if config["perturbation"] == "local":
-        raise UsageError("--perturbation local is not available yet; use --perturbation global (the default)")
     if config["parallel"]:
         raise UsageError("--parallel is not available yet; train in one process without --parallel")
     if config["amp"] is not None:
@@ -282,8 +280,19 @@ def build_optimizer(config: dict[str, Any], model: nn.Module) -> torch.optim.Opt
     # Imported here so that a run with plain SGD does not need the sharpness-aware module.
     from crsam.optim import CRSAM, SAM
 
+    # The perturbation only matters for a DistributedDataParallel model, and one process ignores it.
+    perturbation = config.get("perturbation", "global")
+    if perturbation == "local" and config["optimizer"] == "crsam" and distributed.is_distributed():
+        # NOTE: crsam.optim.CRSAM adds -2 alpha g0 after the all-reduce, and with a local
+        # perturbation g0 is each process's own gradient, so the replicas' weights drift apart.
+        raise UsageError(
+            "--perturbation local with --optimizer crsam is not supported under torchrun yet, because "
+            "the processes' weights would drift apart; pass --perturbation global or --optimizer sam"
+        )
     if config["optimizer"] == "sam":
-        return SAM(model.parameters(), torch.optim.SGD, rho=config["rho"], model=model, **sgd_options)
+        return SAM(
+            model.parameters(), torch.optim.SGD, rho=config["rho"], model=model, perturbation=perturbation, **sgd_options
+        )
     return CRSAM(
         model.parameters(),
         torch.optim.SGD,
@@ -291,6 +300,7 @@ def build_optimizer(config: dict[str, Any], model: nn.Module) -> torch.optim.Opt
         alpha=config["alpha"],
         beta=config["beta"],
         model=model,
+        perturbation=perturbation,
         **sgd_options,
     )
 
@@ -333,21 +343,28 @@ def load_run_data(config: dict[str, Any], *, data_dir: str | os.PathLike | None 
 def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
     """Return the mean cross-entropy and the accuracy of ``model`` on the data, in eval mode.
 
-    The model's previous train/eval mode is restored afterwards.
+    The model's previous train/eval mode is restored afterwards. Under torchrun every rank
+    evaluates its share of the batches and the sums are added over the ranks, so each rank
+    returns the one-process figures (up to the order of the float64 additions).
     """
     was_training = model.training
     model.eval()
     total_loss = 0.0
     correct = 0
+    device = next(model.parameters()).device
     try:
-        for start in range(0, len(targets), EVAL_BATCH_SIZE):
-            x = inputs[start : start + EVAL_BATCH_SIZE]
-            y = targets[start : start + EVAL_BATCH_SIZE]
+        for start in distributed.eval_batch_starts(len(targets), EVAL_BATCH_SIZE):
+            x = inputs[start : start + EVAL_BATCH_SIZE].to(device)
+            y = targets[start : start + EVAL_BATCH_SIZE].to(device)
             logits = model(x)
             total_loss += F.cross_entropy(logits, y, reduction="sum").item()
             correct += int((logits.argmax(dim=1) == y).sum())
     finally:
         model.train(was_training)
+
+    # --- distributed: add the ranks' sums (no-op in one process).
+    sums = torch.tensor([total_loss, correct], dtype=torch.float64, device=device)
+    total_loss, correct = distributed.all_reduce_sum(sums).tolist()
     count = max(len(targets), 1)
     return total_loss / count, correct / count
 
@@ -370,14 +387,21 @@ def train_one_epoch(
     from crsam.optim import NonFiniteLossError
 
     model.train()
-    order = torch.randperm(len(data.y_train), generator=generator)
-    for step, start in enumerate(range(0, len(order), batch_size), start=1):
-        batch = order[start : start + batch_size]
-        x, y = data.x_train[batch], data.y_train[batch]
+    device = next(model.parameters()).device
+    # --- distributed: each rank takes its share of every global batch, drawn in the same order.
+    sampler = distributed.ShardedBatchSampler(len(data.y_train), batch_size, generator=generator)
+    for step, batch in enumerate(sampler, start=1):
+        x, y = data.x_train[batch.indices].to(device), data.y_train[batch.indices].to(device)
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
+            logits = model(x)
+            # The averaged gradient is the global batch's mean gradient (see crsam.distributed).
+            # An empty share sums to a zero loss whose graph still reaches every parameter.
+            if len(y):
+                loss = F.cross_entropy(logits, y) * batch.loss_weight
+            else:
+                loss = F.cross_entropy(logits, y, reduction="sum")
             loss.backward()
             return loss
 
@@ -425,6 +449,13 @@ class RunState:
     epoch: int
     # Set for a new run until its first checkpoint is written, then None.
     new_run: NewRunFiles | None = None
+    # The module that trains: ``model`` itself, or its DistributedDataParallel wrapper under
+    # torchrun. ``model`` is never wrapped, so the checkpoint's keys have no "module." prefix.
+    train_model: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        if self.train_model is None:
+            self.train_model = self.model
 
     def checkpoint(self) -> dict[str, Any]:
         """Return the checkpoint payload of the current state (plain data, see crsam.checkpoint)."""
@@ -484,7 +515,7 @@ def train(
 
     epochs = state.config["epochs"]
     # Without an explicit disable, tqdm lets the TQDM_DISABLE=1 environment variable hide the bar.
-    hide = {} if progress else {"disable": True}
+    hide = {} if progress and distributed.is_main_process() else {"disable": True}
     bar = tqdm(total=epochs, initial=state.epoch, unit="epoch", file=sys.stderr,
                desc=f"{state.config['optimizer']} {state.config['model']}", **hide)
     try:
@@ -529,7 +560,7 @@ def _run_epoch(state: RunState) -> dict[str, Any]:
 
     # Updates, then the schedule's next learning rate.
     train_one_epoch(
-        state.model,
+        state.train_model,
         state.optimizer,
         state.data,
         batch_size=state.config["batch_size"],
@@ -559,17 +590,20 @@ def _run_epoch(state: RunState) -> dict[str, Any]:
     state.epoch = epoch
     out = Path(state.config["out"])
     try:
-        if state.new_run is not None:
+        # --- distributed: rank 0 alone writes; the others wait at the barrier below.
+        if state.new_run is not None and distributed.is_main_process():
             _start_run_files(state.new_run, out)
             # Listed before they exist, so that an interruption during a write still removes them.
             state.new_run.written += [out / "metrics.jsonl", out / "checkpoint.pt"]
-        _write_metrics(state.metrics, out)
-        save_checkpoint(state.checkpoint(), out / "checkpoint.pt")
+        if distributed.is_main_process():
+            _write_metrics(state.metrics, out)
+            save_checkpoint(state.checkpoint(), out / "checkpoint.pt")
     except OSError as error:
         raise UsageError(
             f"writing the run files in {str(out)!r} failed ({error.strerror or error}); "
             "free disk space or pass another --out"
         ) from None
+    distributed.barrier()
     state.new_run = None
     return record
 
@@ -592,7 +626,8 @@ def _new_state(options: dict[str, Any], out: Path, *, overwrite: bool) -> RunSta
     torch.manual_seed(config["seed"])
     model = build_run_model(config, data)
     prior = _describe_prior(model, seed=config["seed"], split=split)
-    optimizer = build_optimizer(config, model)
+    train_model = distributed.wrap_model(model)
+    optimizer = build_optimizer(config, train_model)
     scheduler = build_scheduler(optimizer, config["epochs"])
     data_order = torch.Generator().manual_seed(config["seed"])
 
@@ -606,11 +641,14 @@ def _new_state(options: dict[str, Any], out: Path, *, overwrite: bool) -> RunSta
         "n_test": len(data.y_test),
         "parameters": count_parameters(model),
         "schedule": "cosine, stepped per epoch",
+        "world_size": distributed.world_size(),
         "prior": {key: value for key, value in prior.items() if key != "state"},
     }
-    created = _create_folder(out)
+    # --- distributed: rank 0 alone creates the folder, after every rank has checked it.
+    distributed.barrier()
+    created = _create_folder(out) if distributed.is_main_process() else []
     new_run = NewRunFiles(config_record, existing, created)
-    return RunState(config, data, model, optimizer, scheduler, data_order, prior, [], 0, new_run)
+    return RunState(config, data, model, optimizer, scheduler, data_order, prior, [], 0, new_run, train_model)
 
 
 def _resume_state(options: dict[str, Any], out: Path) -> RunState:
@@ -645,7 +683,8 @@ def _resume_state(options: dict[str, Any], out: Path) -> RunState:
 
     # Rebuild every stateful object, then overwrite its state with the checkpoint's.
     model = build_run_model(config, data)
-    optimizer = build_optimizer(config, model)
+    train_model = distributed.wrap_model(model)
+    optimizer = build_optimizer(config, train_model)
     scheduler = build_scheduler(optimizer, config["epochs"])
     data_order = torch.Generator()
     try:
@@ -661,7 +700,10 @@ def _resume_state(options: dict[str, Any], out: Path) -> RunState:
         ) from None
 
     metrics = list(payload["metrics"])
-    return RunState(config, data, model, optimizer, scheduler, data_order, payload["prior"], metrics, payload["epoch"])
+    return RunState(
+        config, data, model, optimizer, scheduler, data_order, payload["prior"], metrics, payload["epoch"],
+        train_model=train_model,
+    )
 
 
 def check_stored_config(config: dict[str, Any], payload: dict[str, Any], path: Path) -> dict[str, Any]:

@@ -65,7 +65,7 @@ BAD_INPUT = [
     (["train", "--out", "RUN", "--overwrite", "--num-samples", "15"], r"--num-samples 15 is invalid; pass a positive multiple of 10"),
     (["train", "--out", "RUN", "--overwrite", "--lr", "nan"], r"--lr nan is not a finite number"),
     (["train", "--out", "RUN", "--overwrite", "--epochs", "two"], r"argument --epochs: 'two' is not a whole number; see 'crsam train --help'"),
-    (["train", "--out", "RUN", "--overwrite", "--perturbation", "local"], r"--perturbation local is not available yet"),
+    (["train", "--out", "RUN", "--overwrite", "--perturbation", "layerwise"], r"--perturbation 'layerwise' is unknown; choose one of global, local"),
     (["train", "--out", "RUN", "--overwrite", "--amp", "fp16"], r"--amp fp16 is not available yet"),
     (["train", "--out", "RUN", "--overwrite", "--parallel"], r"--parallel is not available yet"),
     (["train", "--out", "RUN"], r"--out '.*run' already contains a run \(checkpoint.pt, config.json, metrics.jsonl\); pass --resume"),

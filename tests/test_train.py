@@ -222,7 +222,7 @@ def test_sgd_drops_sharpness_options():
         ({"model": "resnet18"}, r"--model resnet18 is not available yet"),
         ({"data": "cifar100"}, r"--data cifar100 is not available yet"),
         ({"prior_split": 1.0}, r"--prior-split 1.0 is outside \(0, 1\)"),
-        ({"perturbation": "local"}, r"--perturbation local is not available yet"),
+        ({"perturbation": "layerwise"}, r"--perturbation 'layerwise' is unknown; choose one of global, local"),
         ({"parallel": True}, r"--parallel is not available yet"),
         ({"amp": "bf16"}, r"--amp bf16 is not available yet"),
         ({"track_curvature": 5}, r"--track-curvature is not available yet"),
