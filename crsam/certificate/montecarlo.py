@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from crsam.distributed import all_reduce_sum
+
 METHODS = ("auto", "vmap", "loop")
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
@@ -130,6 +132,7 @@ def count_errors(
     batch_size: int,
     method: str,
     probability_sum: torch.Tensor | None = None,
+    distributed: bool = False,
 ) -> torch.Tensor:
     """Count the 0-1 errors of each weight vector in ``weights`` ``(S, k)`` on ``(x, y)``.
 
@@ -137,6 +140,8 @@ def count_errors(
     examples (the last one may be shorter), so they do not depend on the batch size. The model
     must be in the mode it should be evaluated in. When ``probability_sum`` ``(n, C)`` is given,
     the softmax outputs of all ``S`` networks are added to it in float64, for the ensemble error.
+    With ``distributed=True``, ``(x, y)`` is this process's shard and the counts are summed over
+    all processes, which must pass the same ``weights``.
     """
     device = weights.device
     counts = torch.zeros(weights.shape[0], dtype=torch.int64, device=device)
@@ -162,6 +167,8 @@ def count_errors(
             if probability_sum is not None:
                 stop = start + inputs.shape[0]
                 probability_sum[start:stop] += torch.softmax(logits.double(), dim=-1).sum(dim=0)
+    if distributed:
+        all_reduce_sum(counts)
     return counts
 
 
@@ -213,6 +220,7 @@ def estimate_errors(
     method: str,
     ensemble_classes: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    distributed: bool = False,
 ) -> dict[str, MonteCarloErrors]:
     """Evaluate ``num_samples`` weight samples ``center + sigma * e_j`` on each data set.
 
@@ -220,7 +228,9 @@ def estimate_errors(
     ``"loop"``. With
     ``ensemble_classes`` set to the number of classes, the ensemble error (argmax of the mean
     softmax output over samples) is counted too. ``progress(done, total)`` is called after each
-    chunk of ``sample_batch_size`` samples.
+    chunk of ``sample_batch_size`` samples. With ``distributed=True`` each data set is this
+    process's shard; every process draws the same weight samples from ``seed``, and the error
+    counts and ``n`` are summed over the processes.
     """
     sampler = WeightSampler(center, sigma, seed)
     counts: dict[str, list[np.ndarray]] = {name: [] for name in datasets}
@@ -238,7 +248,8 @@ def estimate_errors(
         weights = sampler.draw(min(sample_batch_size, num_samples - done))
         for name, (x, y) in datasets.items():
             chunk_counts = count_errors(model, layout, weights, x, y, batch_size=batch_size,
-                                        method=method, probability_sum=probability_sums.get(name))
+                                        method=method, probability_sum=probability_sums.get(name),
+                                        distributed=distributed)
             counts[name].append(chunk_counts.cpu().numpy())
         done += weights.shape[0]
         if progress is not None:
@@ -250,6 +261,11 @@ def estimate_errors(
         if name in probability_sums:
             predictions = probability_sums[name].argmax(dim=-1).cpu()
             ensemble_errors = int((predictions != y.cpu()).sum())
-        results[name] = MonteCarloErrors(np.concatenate(counts[name]), int(x.shape[0]),
-                                         ensemble_errors)
+        n = int(x.shape[0])
+        if distributed:
+            # Every process computes the ensemble flag, so every process joins this all-reduce.
+            totals = torch.tensor([n, ensemble_errors or 0], dtype=torch.int64, device=center.device)
+            n, reduced_errors = all_reduce_sum(totals).tolist()
+            ensemble_errors = None if ensemble_errors is None else reduced_errors
+        results[name] = MonteCarloErrors(np.concatenate(counts[name]), n, ensemble_errors)
     return results
