@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from fractions import Fraction
 
 import pytest
@@ -199,6 +200,28 @@ def test_process_group_skipped_without_torchrun(monkeypatch):
         assert device == torch.device("cpu")
         assert distributed.training_device() == torch.device("cpu")
         assert not distributed.is_distributed()
+
+
+def free_local_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_process_group_destroyed_on_error(monkeypatch):
+    # A one-rank gloo group on this machine's loopback interface, as torchrun would describe it.
+    environ = {**TORCHRUN_ENV, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_PORT": str(free_local_port())}
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    with pytest.raises(KeyError, match="raised inside"):
+        with distributed.process_group_from_env() as device:
+            assert device == torch.device("cpu")
+            assert torch.distributed.get_backend() == "gloo"
+            raise KeyError("raised inside")
+    assert not torch.distributed.is_initialized()
+    assert distributed.training_device() == torch.device("cpu")
 
 
 def test_wrap_model_single_process_is_identity():
