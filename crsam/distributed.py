@@ -7,13 +7,13 @@ index on its machine, which picks the GPU) and ``MASTER_ADDR``/``MASTER_PORT`` (
 on ``cuda:LOCAL_RANK`` when CUDA is available, gloo on the CPU otherwise. Without ``WORLD_SIZE``
 the process runs alone and every helper here is a no-op, so one code path serves both.
 
-Every rank keeps the whole data set in memory and draws the same permutation per epoch. A global batch of
-``B`` examples is split into contiguous shares of sizes differing by at most one
+Every rank keeps the whole data set in memory and draws the same permutation per epoch. A
+global batch of ``B`` examples is split into contiguous shares of sizes differing by at most one
 (:func:`shard_bounds`), and each rank's mean loss is weighted by ``n_r * W / B``
 (:attr:`ShardedBatch.loss_weight`). DistributedDataParallel and the sharpness-aware optimizers
 average gradients over the ``W`` ranks, so the averaged gradient is
 ``(1/W) sum_r (n_r W / B) (1/n_r) sum_{i in r} grad l_i = (1/B) sum_i grad l_i``, the
-global-batch mean, also for uneven shares and for a rank whose share is empty.
+global-batch mean, also for uneven shares. A rank whose share is empty adds a zero gradient.
 """
 
 from __future__ import annotations

@@ -380,6 +380,9 @@ def train_one_epoch(
 ) -> None:
     """Run one pass over the training set in an order drawn from ``generator``.
 
+    Under torchrun each rank trains on its share of every global batch of ``batch_size``
+    examples (see :class:`crsam.distributed.ShardedBatchSampler`).
+
     Every optimizer is driven through ``step(closure)``, the torch convention that SAM and CR-SAM
     need. Raises UsageError when a loss becomes NaN or infinite, naming the epoch and the flags to
     lower.
