@@ -145,8 +145,9 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     optim.add_argument("--epochs", type=_int, metavar="N", help=f"passes over the training set [{DEFAULTS['epochs']}]")
     optim.add_argument("--seed", type=_int, help=f"seed of the initial weights and the data order [{DEFAULTS['seed']}]")
     optim.add_argument("--perturbation", metavar="KIND",
-                       help="which gradient SAM and CR-SAM perturb along under DDP: global (averaged over "
-                       "processes) or local (each process's own); in one process both give the same update [global]")
+                       help="how sam and crsam perturb under torchrun: global along the averaged gradient "
+                       "(two gradient all-reduces per step), local along each process's own gradient (one, "
+                       "sam only). The two are the same in one process [global]")
     optim.add_argument("--parallel", action="store_true", default=None, help="not available yet")
     optim.add_argument("--amp", metavar="DTYPE",
                        help="mixed precision: forward passes under autocast in bf16 or fp16 (fp16 with a "
@@ -294,10 +295,20 @@ def _describe_optimizer(config: dict[str, Any]) -> str:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from crsam import distributed
     from crsam.train import DEFAULTS, train
 
     options = {name: getattr(args, name) for name in DEFAULTS}
-    summary = train(options, out=args.out, resume=args.resume, overwrite=args.overwrite)
+    # Under torchrun every rank trains, and rank 0 alone prints the summary.
+    try:
+        distributed.read_torchrun_env()
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    with distributed.process_group_from_env():
+        summary = train(options, out=args.out, resume=args.resume, overwrite=args.overwrite)
+        main_process = distributed.is_main_process()
+    if not main_process:
+        return EXIT_OK
     _print_report(summary, _format_train_table(summary), args.json)
     if summary["config"]["prior_split"] is not None:
         print("crsam: note: --prior-split reserved the examples for a prior, but the prior is still the "

@@ -93,14 +93,28 @@ def make_closure(
     x: torch.Tensor,
     y: torch.Tensor,
     recipe: StepRecipe,
+    *,
+    loss_weight: float = 1.0,
 ) -> Callable[[], torch.Tensor]:
     """Return the closure of one step on the batch (x, y): zero the gradients, forward, backward.
 
-    The closure accumulates the gradient of the batch's mean loss over ``recipe``'s micro-batches
-    and returns that mean loss, unscaled and detached. With a scaler each backward pass runs on
-    the scaled loss.
+    The closure accumulates the gradient of ``loss_weight`` times the batch's mean loss over
+    ``recipe``'s micro-batches and returns that loss, unscaled and detached. With a scaler each
+    backward pass runs on the scaled loss. Under torchrun ``loss_weight`` makes the gradient
+    averaged over the processes equal the global batch's mean gradient (see
+    :class:`crsam.distributed.ShardedBatchSampler`). An empty share (x, y) gives a zero loss
+    whose graph still reaches every parameter, so that every process takes part in the
+    gradient all-reduce.
     """
     batch_size = y.shape[0]
+    if batch_size == 0:
+        def empty_closure() -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y, reduction="sum")
+            loss.backward()
+            return loss.detach()
+
+        return empty_closure
     micro_batches = [
         (x_part, y_part)
         for x_part, y_part in zip(torch.tensor_split(x, recipe.accumulation_steps), torch.tensor_split(y, recipe.accumulation_steps))
@@ -116,6 +130,8 @@ def make_closure(
             if len(micro_batches) > 1:
                 # The micro-batch's share of the batch's mean loss.
                 loss = loss * (y_part.shape[0] / batch_size)
+            if loss_weight != 1.0:
+                loss = loss * loss_weight
             backward_loss = loss if recipe.scaler is None else recipe.scaler.scale(loss)
             backward_loss.backward()
             total = loss.detach() if total is None else total + loss.detach()

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crsam import __version__
+from crsam import __version__, distributed
 from crsam.checkpoint import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -426,6 +426,13 @@ def build_optimizer(config: dict[str, Any], model: nn.Module) -> torch.optim.Opt
     # "local" perturbs each DDP process by its own gradient. In one process the gradient at w is
     # the batch's whole gradient either way, so both values give the same update.
     perturbation = config.get("perturbation") or "global"
+    if perturbation == "local" and config["optimizer"] == "crsam" and distributed.is_distributed():
+        # NOTE: crsam.optim.CRSAM adds -2 alpha g0 after the all-reduce, and with a local
+        # perturbation g0 is each process's own gradient, so the replicas' weights drift apart.
+        raise UsageError(
+            "--perturbation local with --optimizer crsam is not supported under torchrun yet, because "
+            "the processes' weights would drift apart; pass --perturbation global or --optimizer sam"
+        )
     if config["optimizer"] == "sam":
         return SAM(
             model.parameters(), torch.optim.SGD, rho=config["rho"], model=model, perturbation=perturbation,
@@ -552,16 +559,19 @@ def evaluate(
     """Return the mean cross-entropy and the accuracy of ``model`` on the data, in eval mode.
 
     ``transform`` turns each chunk of stored inputs into model inputs (CIFAR normalizes uint8
-    images). The model's previous train/eval mode is restored afterwards.
+    images). The model's previous train/eval mode is restored afterwards. Under torchrun every
+    rank evaluates its share of the batches and the sums are added over the ranks, so each rank
+    returns the one-process figures (up to the order of the float64 additions).
     """
     was_training = model.training
     model.eval()
     total_loss = 0.0
     correct = 0
+    device = next(model.parameters()).device
     try:
-        for start in range(0, len(targets), EVAL_BATCH_SIZE):
-            x = inputs[start : start + EVAL_BATCH_SIZE]
-            y = targets[start : start + EVAL_BATCH_SIZE]
+        for start in distributed.eval_batch_starts(len(targets), EVAL_BATCH_SIZE):
+            x = inputs[start : start + EVAL_BATCH_SIZE].to(device)
+            y = targets[start : start + EVAL_BATCH_SIZE].to(device)
             if transform is not None:
                 x = transform(x)
             logits = model(x)
@@ -569,6 +579,10 @@ def evaluate(
             correct += int((logits.argmax(dim=1) == y).sum())
     finally:
         model.train(was_training)
+
+    # --- distributed: add the ranks' sums (no-op in one process).
+    sums = torch.tensor([total_loss, correct], dtype=torch.float64, device=device)
+    total_loss, correct = distributed.all_reduce_sum(sums).tolist()
     count = max(len(targets), 1)
     return total_loss / count, correct / count
 
@@ -590,20 +604,23 @@ def train_one_epoch(
     ``augmentation`` supplies the random draws of image augmentation, ``recipe`` sets mixed
     precision, micro-batches and label smoothing (default: float32, one pass per batch), and
     ``step_scheduler``, when given, is stepped after every optimizer step. ``model`` may be the
-    compiled form of the run's model. Every optimizer is driven through
-    ``step(closure)``, the torch convention that SAM and CR-SAM need. Raises UsageError when a
-    loss becomes NaN or infinite, naming the epoch and the flags to lower.
+    compiled form of the run's model. Under torchrun each rank trains on its share of every
+    global batch of ``batch_size`` examples (see :class:`crsam.distributed.ShardedBatchSampler`).
+
+    Every optimizer is driven through ``step(closure)``, the torch convention that SAM and CR-SAM
+    need. Raises UsageError when a loss becomes NaN or infinite, naming the epoch and the flags to
+    lower.
     """
     from crsam.optim import NonFiniteLossError
 
     if recipe is None:
         recipe = StepRecipe(device_type=data.device.type)
     model.train()
-    order = torch.randperm(data.num_train, generator=generator)
-    for step, start in enumerate(range(0, len(order), batch_size), start=1):
-        batch = order[start : start + batch_size]
-        x, y = data.training_batch(batch, augmentation)
-        closure = make_closure(model, optimizer, x, y, recipe)
+    # --- distributed: each rank takes its share of every global batch, drawn in the same order.
+    sampler = distributed.ShardedBatchSampler(data.num_train, batch_size, generator=generator)
+    for step, batch in enumerate(sampler, start=1):
+        x, y = data.training_batch(batch.indices, augmentation)
+        closure = make_closure(model, optimizer, x, y, recipe, loss_weight=batch.loss_weight)
         try:
             loss = take_step(optimizer, closure, recipe)
         except NonFiniteLossError as error:
@@ -667,7 +684,9 @@ class RunState:
     data: Dataset | CifarData
     device_data: TrainingData
     model: nn.Module
-    # The module the training passes call: torch.compile(model) with --compile, else model.
+    # The module the training passes call: ``model``, wrapped in DistributedDataParallel under
+    # torchrun and then in torch.compile with --compile. ``model`` itself is never wrapped, so
+    # the checkpoint's keys have no "module." prefix.
     training_model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -681,7 +700,6 @@ class RunState:
     epoch: int
     # Set for a new run until its first checkpoint is written, then None.
     new_run: NewRunFiles | None = None
-
     def checkpoint(self) -> dict[str, Any]:
         """Return the checkpoint payload of the current state (plain data, see crsam.checkpoint)."""
         return {
@@ -778,7 +796,7 @@ def train(
 
     epochs = state.config["epochs"]
     # Without an explicit disable, tqdm lets the TQDM_DISABLE=1 environment variable hide the bar.
-    hide = {} if progress else {"disable": True}
+    hide = {} if progress and distributed.is_main_process() else {"disable": True}
     bar = tqdm(total=epochs, initial=state.epoch, unit="epoch", file=sys.stderr,
                desc=f"{state.config['optimizer']} {state.config['model']}", **hide)
     try:
@@ -864,17 +882,20 @@ def _run_epoch(state: RunState) -> dict[str, Any]:
     state.epoch = epoch
     out = Path(state.config["out"])
     try:
-        if state.new_run is not None:
+        # --- distributed: rank 0 alone writes; the others wait at the barrier below.
+        if state.new_run is not None and distributed.is_main_process():
             _start_run_files(state.new_run, out)
             # Listed before they exist, so that an interruption during a write still removes them.
             state.new_run.written += [out / "metrics.jsonl", out / "checkpoint.pt"]
-        _write_metrics(state.metrics, out)
-        save_checkpoint(state.checkpoint(), out / "checkpoint.pt")
+        if distributed.is_main_process():
+            _write_metrics(state.metrics, out)
+            save_checkpoint(state.checkpoint(), out / "checkpoint.pt")
     except OSError as error:
         raise UsageError(
             f"writing the run files in {str(out)!r} failed ({error.strerror or error}); "
             "free disk space or pass another --out"
         ) from None
+    distributed.barrier()
     state.new_run = None
     return record
 
@@ -901,7 +922,9 @@ def _new_state(options: dict[str, Any], out: Path, *, overwrite: bool) -> RunSta
     model = build_run_model(config, data)
     prior = _describe_prior(model, seed=config["seed"], split=split)
     model.to(device)
-    optimizer = build_optimizer(config, model)
+    # --- distributed: the DDP wrapper trains; the checkpoint stores the unwrapped model.
+    wrapped = distributed.wrap_model(model)
+    optimizer = build_optimizer(config, wrapped)
     scheduler = _build_run_scheduler(config, optimizer, len(data.y_train))
     data_order = torch.Generator().manual_seed(config["seed"])
     augmentation = torch.Generator().manual_seed(augmentation_seed(config["seed"]))
@@ -922,11 +945,14 @@ def _new_state(options: dict[str, Any], out: Path, *, overwrite: bool) -> RunSta
         "device_used": str(device),
         "schedule": describe_schedule(config),
         "curvature_tracking": describe_curvature_tracking(config),
+        "world_size": distributed.world_size(),
         "prior": {key: value for key, value in prior.items() if key != "state"},
     }
-    created = _create_folder(out)
+    # --- distributed: rank 0 alone creates the folder, after every rank has checked it.
+    distributed.barrier()
+    created = _create_folder(out) if distributed.is_main_process() else []
     new_run = NewRunFiles(config_record, existing, created)
-    training_model = compile_model(model) if config["compile"] else model
+    training_model = compile_model(wrapped) if config["compile"] else wrapped
     return RunState(config, data, device_data, model, training_model, optimizer, scheduler, data_order, augmentation,
                     scaler, prior, [], 0, new_run)
 
@@ -965,7 +991,8 @@ def _resume_state(options: dict[str, Any], out: Path) -> RunState:
     # Rebuild every stateful object, then overwrite its state with the checkpoint's.
     model = build_run_model(config, data)
     model.to(device)
-    optimizer = build_optimizer(config, model)
+    wrapped = distributed.wrap_model(model)
+    optimizer = build_optimizer(config, wrapped)
     scheduler = _build_run_scheduler(config, optimizer, len(data.y_train))
     data_order = torch.Generator()
     augmentation = torch.Generator().manual_seed(augmentation_seed(config["seed"]))
@@ -985,7 +1012,7 @@ def _resume_state(options: dict[str, Any], out: Path) -> RunState:
 
     metrics = list(payload["metrics"])
     device_data = TrainingData(data, device=device, cutout=config["cutout"])
-    training_model = compile_model(model) if config["compile"] else model
+    training_model = compile_model(wrapped) if config["compile"] else wrapped
     return RunState(config, data, device_data, model, training_model, optimizer, scheduler, data_order, augmentation,
                     scaler, payload["prior"], metrics, payload["epoch"])
 

@@ -68,6 +68,7 @@ BAD_INPUT = [
     (["train", "--out", "RUN", "--overwrite", "--epochs", "two"], r"argument --epochs: 'two' is not a whole number; see 'crsam train --help'"),
     (["train", "--out", "RUN", "--overwrite", "--optimizer", "sgd", "--perturbation", "local"], r"--perturbation local has no effect with --optimizer sgd"),
     (["train", "--out", "RUN", "--overwrite", "--amp", "fp32"], r"--amp 'fp32' is unknown; choose one of bf16, fp16"),
+    (["train", "--out", "RUN", "--overwrite", "--perturbation", "layerwise"], r"--perturbation 'layerwise' is unknown; choose one of global, local"),
     (["train", "--out", "RUN", "--overwrite", "--parallel"], r"--parallel is not available yet"),
     (["train", "--out", "RUN"], r"--out '.*run' already contains a run \(checkpoint.pt, config.json, metrics.jsonl\); pass --resume"),
     (["train", "--out", "RUN", "--resume", "--overwrite"], r"--resume and --overwrite contradict each other"),

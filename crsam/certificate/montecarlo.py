@@ -33,6 +33,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from crsam.distributed import all_reduce_sum
+
 METHODS = ("auto", "vmap", "loop")
 
 # Largest number of 0-1 draws (weight samples times examples) in one estimate. The per-example
@@ -136,6 +138,7 @@ def count_errors(
     batch_size: int,
     method: str,
     probability_sum: torch.Tensor | None = None,
+    distributed: bool = False,
 ) -> torch.Tensor:
     """Count the 0-1 errors of each weight vector in ``weights`` ``(S, k)`` on ``(x, y)``.
 
@@ -143,6 +146,8 @@ def count_errors(
     examples (the last one may be shorter), so they do not depend on the batch size. The model
     must be in the mode it should be evaluated in. When ``probability_sum`` ``(n, C)`` is given,
     the softmax outputs of all ``S`` networks are added to it in float64, for the ensemble error.
+    With ``distributed=True``, ``(x, y)`` is this process's shard and the counts are summed over
+    all processes, which must pass the same ``weights``.
     """
     device = weights.device
     counts = torch.zeros(weights.shape[0], dtype=torch.int64, device=device)
@@ -168,6 +173,8 @@ def count_errors(
             if probability_sum is not None:
                 stop = start + inputs.shape[0]
                 probability_sum[start:stop] += torch.softmax(logits.double(), dim=-1).sum(dim=0)
+    if distributed:
+        all_reduce_sum(counts)
     return counts
 
 
@@ -242,6 +249,7 @@ def estimate_errors(
     method: str,
     ensemble_classes: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    distributed: bool = False,
 ) -> dict[str, MonteCarloErrors]:
     """Evaluate ``num_samples`` weight samples ``center + sigma * e_j`` on each data set.
 
@@ -249,7 +257,9 @@ def estimate_errors(
     ``"loop"``. With
     ``ensemble_classes`` set to the number of classes, the ensemble error (argmax of the mean
     softmax output over samples) is counted too. ``progress(done, total)`` is called after each
-    chunk of ``sample_batch_size`` samples.
+    chunk of ``sample_batch_size`` samples. With ``distributed=True`` each data set is this
+    process's shard; every process draws the same weight samples from ``seed``, and the error
+    counts and ``n`` are summed over the processes.
     """
     sampler = WeightSampler(center, sigma, seed)
     totals = {name: MonteCarloErrors(int(x.shape[0])) for name, (x, _) in datasets.items()}
@@ -268,7 +278,8 @@ def estimate_errors(
         weights = sampler.draw(min(sample_batch_size, num_samples - done))
         for name, (x, y) in datasets.items():
             chunk_counts = count_errors(model, layout, weights, x, y, batch_size=batch_size,
-                                        method=method, probability_sum=probability_sums.get(name))
+                                        method=method, probability_sum=probability_sums.get(name),
+                                        distributed=distributed)
             totals[name].add(chunk_counts.cpu())
         done += weights.shape[0]
         del weights
@@ -279,4 +290,12 @@ def estimate_errors(
         if name in probability_sums:
             predictions = probability_sums[name].argmax(dim=-1).cpu()
             totals[name].ensemble_errors = int((predictions != y.cpu()).sum())
+        if distributed:
+            # Every process computes the ensemble flag, so every process joins this all-reduce.
+            local = torch.tensor([totals[name].n, totals[name].ensemble_errors or 0], dtype=torch.int64,
+                                 device=center.device)
+            n, reduced_errors = all_reduce_sum(local).tolist()
+            totals[name].n = int(n)
+            if totals[name].ensemble_errors is not None:
+                totals[name].ensemble_errors = int(reduced_errors)
     return totals

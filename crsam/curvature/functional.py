@@ -4,7 +4,9 @@
 batches, through ``torch.func.functional_call``, and returns gradients and Hessian-vector
 products of that mean loss. Batches are summed and divided by the total example count N, so an
 uneven last batch carries exactly its share and the result does not depend on the batch size
-(in eval mode).
+(in eval mode). With ``distributed=True`` each process holds a shard of the data, and the sums
+and counts are added over the processes before the division, so every process gets the values
+of the whole data set.
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import Union
+from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.modules.batchnorm import _NormBase
+
+from crsam.distributed import all_reduce_sum
 
 __all__ = ["EmpiricalLoss", "FiniteDifferenceHessian", "LossSpec", "finite_difference_step"]
 
@@ -88,6 +92,11 @@ class EmpiricalLoss:
             differentiates the gradient's graph once more, once per product; on a 2-core CPU with
             torch 2.13 it was faster than ``"forward-over-reverse"`` (``torch.func.jvp`` of
             ``torch.func.grad``) for the MNIST-1D MLP and CNN. Both give the exact product.
+        distributed: the data are this process's shard of the data set. Loss sums, gradients,
+            Hessian-vector products and example counts are summed with an all-reduce over
+            ``process_group`` before the division by N. Every process of the group must make the
+            same calls with the same ``w`` and vectors. A shard may be empty.
+        process_group: the ``torch.distributed`` group to reduce over, default all processes.
 
     .. note::
        In train mode with BatchNorm, L depends on how the data are split into batches, because
@@ -108,6 +117,8 @@ class EmpiricalLoss:
         mode: str = "eval",
         seed: int = 0,
         backend: str = "double-backward",
+        distributed: bool = False,
+        process_group: Any = None,
     ) -> None:
         # Check the arguments up front.
         if reduction not in ("mean", "sum"):
@@ -131,7 +142,7 @@ class EmpiricalLoss:
                     f"inputs has {inputs.shape[0]} rows but targets has {targets.shape[0]}; "
                     "pass one target per example"
                 )
-            if inputs.shape[0] == 0:
+            if inputs.shape[0] == 0 and not distributed:
                 raise ValueError("inputs is empty; pass at least one example")
 
         self.model = model
@@ -145,6 +156,8 @@ class EmpiricalLoss:
         self.mode = mode
         self.seed = seed
         self.backend = backend
+        self.distributed = distributed
+        self.process_group = process_group
 
         # The variables: trainable parameters, flattened in named_parameters order.
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -190,7 +203,8 @@ class EmpiricalLoss:
             source: Iterable = self.batches
         else:
             n = self.inputs.shape[0]
-            size = self.batch_size or n
+            # An empty shard of a distributed loss has no batch (and range() rejects a step of 0).
+            size = self.batch_size or max(n, 1)
             source = ((self.inputs[i : i + size], self.targets[i : i + size]) for i in range(0, n, size))
         for index, (x, y) in enumerate(source):
             x = x.to(self.device, self.dtype) if x.is_floating_point() else x.to(self.device)
@@ -251,6 +265,21 @@ class EmpiricalLoss:
     def _normalize(self, total: torch.Tensor, count: int) -> torch.Tensor:
         return total / count if self.reduction == "mean" else total
 
+    def _sum_over_processes(self, total: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
+        """Add ``total`` and the example ``count`` over the process group when distributed.
+
+        ``total`` is summed in place with one all-reduce, and the count with a second, exact
+        int64 all-reduce.
+        """
+        if not self.distributed:
+            return total, count
+        all_reduce_sum(total, group=self.process_group)
+        count_tensor = torch.tensor(count, dtype=torch.int64, device=total.device)
+        count = int(all_reduce_sum(count_tensor, group=self.process_group))
+        if count == 0:
+            raise ValueError("every process's shard is empty; pass at least one example in total")
+        return total, count
+
     # ----------------------------------------------------------------------------------------
     # Values and gradients
 
@@ -262,6 +291,7 @@ class EmpiricalLoss:
             for index, x, y in self._iterate_batches():
                 total += self._batch_loss_sum(w, x, y, index)
                 count += x.shape[0]
+        total, count = self._sum_over_processes(total, count)
         return float(self._normalize(total, count))
 
     def value_and_gradient(self, w: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
@@ -281,6 +311,10 @@ class EmpiricalLoss:
                 total += batch_loss.detach()
                 gradient += batch_gradient
                 count += x.shape[0]
+
+        # One all-reduce carries the loss and the gradient together.
+        packed, count = self._sum_over_processes(torch.cat([total.reshape(1), gradient]), count)
+        total, gradient = packed[0], packed[1:]
         return float(self._normalize(total, count)), self._normalize(gradient, count)
 
     def gradient(self, w: torch.Tensor | None = None) -> torch.Tensor:
@@ -319,6 +353,7 @@ class EmpiricalLoss:
                 else:
                     product += self._batch_matmat_forward_over_reverse(w, V, x, y, index)
                 count += x.shape[0]
+        product, count = self._sum_over_processes(product, count)
         return self._normalize(product, count)
 
     def _batch_matmat_double_backward(self, w, V, x, y, index) -> torch.Tensor:
