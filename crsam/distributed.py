@@ -35,6 +35,7 @@ __all__ = [
     "all_reduce_sum",
     "barrier",
     "eval_batch_starts",
+    "has_process_group",
     "is_distributed",
     "is_main_process",
     "process_group_from_env",
@@ -181,6 +182,11 @@ _group_world_size = world_size
 _group_rank = rank
 
 
+def has_process_group() -> bool:
+    """Return True when a ``torch.distributed`` process group is initialized, also one of one rank."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def is_main_process() -> bool:
     """Return True on rank 0, the process that prints and writes files, and in one process."""
     return rank() == 0
@@ -258,11 +264,16 @@ class ShardedBatch(NamedTuple):
     ``indices`` are the examples of this rank, ``global_size`` the examples of the whole batch
     over all ranks, and ``loss_weight`` the factor ``len(indices) * world_size / global_size``
     for the mean loss over ``indices`` (exactly 1.0 in one process and for even shares).
+    ``global_indices`` is the whole batch and ``share`` this rank's positions in it, so
+    ``global_indices[share]`` equals ``indices``. Image augmentation draws for the whole batch
+    and keeps the share, so that every rank's generator advances alike.
     """
 
     indices: torch.Tensor
     global_size: int
     loss_weight: float
+    global_indices: torch.Tensor
+    share: slice
 
 
 class ShardedBatchSampler:
@@ -313,7 +324,13 @@ class ShardedBatchSampler:
             batch = order[start : start + self.batch_size]
             share_start, share_stop = shard_bounds(len(batch), self.rank, self.world_size)
             share = share_stop - share_start
-            yield ShardedBatch(batch[share_start:share_stop], len(batch), share * self.world_size / len(batch))
+            yield ShardedBatch(
+                batch[share_start:share_stop],
+                len(batch),
+                share * self.world_size / len(batch),
+                batch,
+                slice(share_start, share_stop),
+            )
 
 
 def eval_batch_starts(num_examples: int, batch_size: int) -> range:
