@@ -34,6 +34,7 @@ __all__ = [
     "TorchrunEnvironment",
     "all_reduce_sum",
     "barrier",
+    "broadcast_buffers",
     "eval_batch_starts",
     "has_process_group",
     "is_distributed",
@@ -229,6 +230,19 @@ def wrap_model(model: nn.Module) -> nn.Module:
         return model
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Copy rank 0's buffers of ``model``, such as BatchNorm running statistics, to every rank.
+
+    Each rank's BatchNorm layers update their running statistics from that rank's share, so after
+    training the ranks differ. The checkpoint stores rank 0's, and evaluating with them on every
+    rank makes the metrics those of the checkpoint. In one process this returns at once.
+    """
+    if not is_distributed():
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

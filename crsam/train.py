@@ -876,7 +876,9 @@ def _run_epoch(state: RunState) -> dict[str, Any]:
     if not per_step:
         state.scheduler.step()
 
-    # Metrics at the weights w that the checkpoint will hold.
+    # Metrics at the weights w that the checkpoint will hold. The BatchNorm running statistics
+    # differ per rank after DDP training, and the checkpoint holds rank 0's, so every rank takes those.
+    distributed.broadcast_buffers(state.model)
     data = state.device_data
     train_loss, train_acc = evaluate(state.model, data.x_train, data.y_train, transform=data.input_transform)
     test_loss, test_acc = evaluate(state.model, data.x_test, data.y_test, transform=data.input_transform)

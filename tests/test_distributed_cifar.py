@@ -4,7 +4,8 @@ One torchrun launch (``tests/distributed_cifar_worker.py``) trains CR-SAM and SG
 of 24 images in global batches of 8, so each rank gets 4 images per step. ResNet-18 has
 BatchNorm, which normalizes each rank's share by its own statistics, so the weights differ from
 a one-process run by more than rounding and are not compared with one. The replicas must still
-be identical, and the data order and augmentation must be those of one process.
+be identical, the metrics must be those of rank 0's checkpoint, and the data order and the
+augmentation must be those of one process.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import torch
 from cifar_archives import write_tiny_cifar10
 
 import crsam.train
-from crsam.train import restore_run, train
+from crsam.train import evaluate, restore_run, train
 
 WORKER = Path(__file__).with_name("distributed_cifar_worker.py")
+# The evaluation batch size that the worker sets, small enough that both ranks evaluate.
+WORKER_EVAL_BATCH_SIZE = 4
 RUN = {"data": "cifar10", "model": "resnet18", "width": 2, "batch_size": 8, "epochs": 1, "seed": 3, "device": "cpu"}
 OPTIMIZERS = ["crsam", "sgd"]
 
@@ -109,6 +112,32 @@ def test_metrics_finite_and_world_size(runs, optimizer):
         assert math.isfinite(records[0][key]), key
     for key in ("train_acc", "test_acc"):
         assert 0.0 <= records[0][key] <= 1.0, key
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_metrics_match_checkpoint(runs, monkeypatch, optimizer):
+    # The ranks' BatchNorm running statistics differ after training, and the checkpoint holds
+    # rank 0's. Every rank must evaluate with rank 0's statistics, or the metrics describe no
+    # model that the checkpoint holds. Both runs evaluate the same batches of 4 images with one
+    # thread, so each batch's float32 loss sum is the same, and only the order of the float64
+    # additions differs. A float64 sum of 6 positive terms is within 5u of the exact sum
+    # (u = 2**-53), so two orders differ by at most 10u, and the division by the count adds 2u.
+    _, folder, _ = runs
+    monkeypatch.setattr(crsam.train, "EVAL_BATCH_SIZE", WORKER_EVAL_BATCH_SIZE)
+    restored = restore_run(folder / optimizer / "checkpoint.pt")
+    record = json.loads((folder / optimizer / "metrics.jsonl").read_text().splitlines()[-1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_loss, train_acc = evaluate(restored.model, restored.data.x_train, restored.data.y_train)
+        test_loss, test_acc = evaluate(restored.model, restored.data.x_test, restored.data.y_test)
+    finally:
+        torch.set_num_threads(threads)
+
+    assert math.isclose(record["train_loss"], train_loss, rel_tol=12 * 2**-53)
+    assert math.isclose(record["test_loss"], test_loss, rel_tol=12 * 2**-53)
+    assert record["train_acc"] == train_acc
+    assert record["test_acc"] == test_acc
 
 
 def test_random_streams_match_one_process(runs):
