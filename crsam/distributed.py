@@ -34,7 +34,9 @@ __all__ = [
     "TorchrunEnvironment",
     "all_reduce_sum",
     "barrier",
+    "broadcast_buffers",
     "eval_batch_starts",
+    "has_process_group",
     "is_distributed",
     "is_main_process",
     "process_group_from_env",
@@ -181,6 +183,11 @@ _group_world_size = world_size
 _group_rank = rank
 
 
+def has_process_group() -> bool:
+    """Return True when a ``torch.distributed`` process group is initialized, also one of one rank."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def is_main_process() -> bool:
     """Return True on rank 0, the process that prints and writes files, and in one process."""
     return rank() == 0
@@ -225,6 +232,19 @@ def wrap_model(model: nn.Module) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
+def broadcast_buffers(model: nn.Module) -> None:
+    """Copy rank 0's buffers of ``model``, such as BatchNorm running statistics, to every rank.
+
+    Each rank's BatchNorm layers update their running statistics from that rank's share, so after
+    training the ranks differ. The checkpoint stores rank 0's, and evaluating with them on every
+    rank makes the metrics those of the checkpoint. In one process this returns at once.
+    """
+    if not is_distributed():
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Return the module inside a DistributedDataParallel wrapper, or ``model`` itself."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -258,11 +278,16 @@ class ShardedBatch(NamedTuple):
     ``indices`` are the examples of this rank, ``global_size`` the examples of the whole batch
     over all ranks, and ``loss_weight`` the factor ``len(indices) * world_size / global_size``
     for the mean loss over ``indices`` (exactly 1.0 in one process and for even shares).
+    ``global_indices`` is the whole batch and ``share`` this rank's positions in it, so
+    ``global_indices[share]`` equals ``indices``. Image augmentation draws for the whole batch
+    and keeps the share, so that every rank's generator advances alike.
     """
 
     indices: torch.Tensor
     global_size: int
     loss_weight: float
+    global_indices: torch.Tensor
+    share: slice
 
 
 class ShardedBatchSampler:
@@ -313,7 +338,13 @@ class ShardedBatchSampler:
             batch = order[start : start + self.batch_size]
             share_start, share_stop = shard_bounds(len(batch), self.rank, self.world_size)
             share = share_stop - share_start
-            yield ShardedBatch(batch[share_start:share_stop], len(batch), share * self.world_size / len(batch))
+            yield ShardedBatch(
+                batch[share_start:share_stop],
+                len(batch),
+                share * self.world_size / len(batch),
+                batch,
+                slice(share_start, share_stop),
+            )
 
 
 def eval_batch_starts(num_examples: int, batch_size: int) -> range:

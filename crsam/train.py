@@ -362,6 +362,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def run_device(name: str) -> torch.device:
+    """Return the device this process trains on: the one ``--device`` names, or this rank's under torchrun.
+
+    In a process group, :func:`crsam.distributed.wrap_model` moves the model to the device that
+    :func:`crsam.distributed.process_group_from_env` picked (``cuda:LOCAL_RANK`` when CUDA is
+    available, else the CPU), so the data must go there as well. Raises UsageError when
+    ``--device`` names another device type, which would leave the model and the data apart.
+    """
+    device = resolve_device(name)
+    if not distributed.has_process_group():
+        return device
+    rank_device = distributed.training_device()
+    if device.type != rank_device.type:
+        raise UsageError(
+            f"--device {name} selects the {device.type}, but under torchrun this rank trains on {rank_device} "
+            "(CUDA ranks when torch finds a GPU, CPU ranks otherwise); pass --device auto, or to train on "
+            "the CPU on a machine with GPUs, start torchrun with CUDA_VISIBLE_DEVICES set to an empty string"
+        )
+    return rank_device
+
+
 def _check_curvature_options(config: dict[str, Any]) -> None:
     """Raise UsageError unless ``--track-curvature`` and ``--curvature-samples`` are None or counts >= 1."""
     if config["track_curvature"] is not None:
@@ -619,7 +640,7 @@ def train_one_epoch(
     # --- distributed: each rank takes its share of every global batch, drawn in the same order.
     sampler = distributed.ShardedBatchSampler(data.num_train, batch_size, generator=generator)
     for step, batch in enumerate(sampler, start=1):
-        x, y = data.training_batch(batch.indices, augmentation)
+        x, y = data.training_batch(batch.global_indices, augmentation, share=batch.share)
         closure = make_closure(model, optimizer, x, y, recipe, loss_weight=batch.loss_weight)
         try:
             loss = take_step(optimizer, closure, recipe)
@@ -855,7 +876,9 @@ def _run_epoch(state: RunState) -> dict[str, Any]:
     if not per_step:
         state.scheduler.step()
 
-    # Metrics at the weights w that the checkpoint will hold.
+    # Metrics at the weights w that the checkpoint will hold. The BatchNorm running statistics
+    # differ per rank after DDP training, and the checkpoint holds rank 0's, so every rank takes those.
+    distributed.broadcast_buffers(state.model)
     data = state.device_data
     train_loss, train_acc = evaluate(state.model, data.x_train, data.y_train, transform=data.input_transform)
     test_loss, test_acc = evaluate(state.model, data.x_test, data.y_test, transform=data.input_transform)
@@ -910,7 +933,7 @@ def _new_state(options: dict[str, Any], out: Path, *, overwrite: bool) -> RunSta
     config["out"] = str(out)
 
     # Data first: it does not touch torch's random state, so the weights depend on the seed alone.
-    device = resolve_device(config["device"])
+    device = run_device(config["device"])
     data = load_run_data(config)
     if isinstance(data, Dataset):
         config["data_seed"] = data.generation["seed"]
@@ -984,7 +1007,7 @@ def _resume_state(options: dict[str, Any], out: Path) -> RunState:
             )
     config["out"] = str(out)
 
-    device = resolve_device(config["device"])
+    device = run_device(config["device"])
     data = load_run_data(config, data_dir=options.get("data_dir"))
     _check_data_hash(data, payload, path)
 

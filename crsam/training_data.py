@@ -46,16 +46,29 @@ class TrainingData:
         """Number of training examples."""
         return int(self.y_train.numel())
 
-    def training_batch(self, indices: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_batch(
+        self, indices: torch.Tensor, generator: torch.Generator, *, share: slice | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the training examples at ``indices`` as model inputs, augmented for image data.
 
         ``generator`` (on the CPU) supplies the augmentation's random draws. MNIST-1D is not
-        augmented and draws nothing from it.
+        augmented and draws nothing from it. With ``share``, ``indices`` is the global batch of
+        all ranks and only the examples at ``indices[share]`` are returned. Image data is then
+        augmented as the whole global batch and cut afterwards, so every rank draws the same
+        numbers from ``generator`` and each example gets the crop, flip and Cutout square that a
+        one-process run gives it. Each rank thus augments all images of the global batch.
         """
+        if not self.is_image_data:
+            if share is not None:
+                indices = indices[share]
+            indices = indices.to(self.device)
+            return self.x_train[indices], self.y_train[indices]
+
         indices = indices.to(self.device)
         x, y = self.x_train[indices], self.y_train[indices]
-        if self.is_image_data:
-            x = augment(x, generator, mean=self.mean, std=self.std, padding=CROP_PADDING, cutout_size=self.cutout)
+        x = augment(x, generator, mean=self.mean, std=self.std, padding=CROP_PADDING, cutout_size=self.cutout)
+        if share is not None:
+            x, y = x[share], y[share]
         return x, y
 
     def model_inputs(self, x: torch.Tensor) -> torch.Tensor:

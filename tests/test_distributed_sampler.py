@@ -75,6 +75,9 @@ def test_shards_rebuild_one_process_batches(num_examples, batch_size, world_size
         shares = [batches[step] for batches in per_rank]
         assert torch.equal(torch.cat([share.indices for share in shares]), batch), step
         assert all(share.global_size == len(batch) for share in shares), step
+        for share in shares:
+            assert torch.equal(share.global_indices, batch), step
+            assert torch.equal(share.global_indices[share.share], share.indices), step
 
 
 @pytest.mark.parametrize(

@@ -6,14 +6,15 @@ data set. The official split sizes are required of real folders, so the tests li
 
 import json
 
-import numpy as np
 import pytest
 import torch
+from cifar_archives import write_tiny_cifar10
 
 import crsam.train
-from crsam import cifar
+from crsam import cifar, distributed
 from crsam.checkpoint import load_checkpoint
 from crsam.curvature import curvature_report
+from crsam.distributed import shard_bounds
 from crsam.errors import UsageError
 from crsam.tracking import (
     CURVATURE_BATCH_SIZE,
@@ -22,7 +23,7 @@ from crsam.tracking import (
     curvature_seed,
     curvature_subset_indices,
 )
-from crsam.train import evaluate, resolve_options, restore_run, train
+from crsam.train import evaluate, resolve_options, restore_run, run_device, train
 from crsam.training_data import TrainingData
 
 # A ResNet-18 with 4 channels in its first stage (about 44 thousand parameters) on 24 training
@@ -38,14 +39,7 @@ def any_split_sizes(monkeypatch):
 
 @pytest.fixture(scope="module")
 def cifar_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    rng = np.random.default_rng(0)
-    cifar.write_cifar_folder(
-        root, "cifar10",
-        x_train=rng.integers(0, 256, (24, 3, 32, 32), dtype=np.uint8), y_train=rng.integers(0, 10, 24),
-        x_test=rng.integers(0, 256, (8, 3, 32, 32), dtype=np.uint8), y_test=rng.integers(0, 10, 8),
-    )
-    return root
+    return write_tiny_cifar10(tmp_path_factory.mktemp("cifar"), num_train=24, num_test=8)
 
 
 def options(cifar_dir, **changes):
@@ -120,6 +114,30 @@ def test_training_batch_is_augmented(cifar_dir):
     assert torch.equal(y, data.y_train[indices])
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sharded_batch_matches_one_process(cifar_dir, world_size):
+    # Every rank augments the whole global batch from the same generator state and keeps its
+    # share. The shares must concatenate to the one-process batch, and all generators must end
+    # in the one-process state, or the ranks' augmentation streams drift apart.
+    data = cifar.load_cifar("cifar10", cifar_dir, expected_sizes=None)
+    device_data = TrainingData(data, device=torch.device("cpu"), cutout=8)
+    batch = torch.tensor([5, 0, 17, 3, 9, 22, 11])
+    one_process = torch.Generator().manual_seed(11)
+    expected_x, expected_y = device_data.training_batch(batch, one_process)
+
+    shares_x, shares_y = [], []
+    for rank in range(world_size):
+        generator = torch.Generator().manual_seed(11)
+        start, stop = shard_bounds(len(batch), rank, world_size)
+        x, y = device_data.training_batch(batch, generator, share=slice(start, stop))
+        assert torch.equal(generator.get_state(), one_process.get_state()), rank
+        shares_x.append(x)
+        shares_y.append(y)
+
+    assert torch.equal(torch.cat(shares_x), expected_x)
+    assert torch.equal(torch.cat(shares_y), expected_y)
+
+
 def test_evaluation_inputs_normalized(cifar_dir):
     data = cifar.load_cifar("cifar10", cifar_dir, expected_sizes=None)
     device_data = TrainingData(data, device=torch.device("cpu"))
@@ -155,6 +173,26 @@ def test_cuda_request_without_gpu(cifar_dir, tmp_path):
         pytest.skip("this machine has a CUDA device, so --device cuda is valid")
     with pytest.raises(UsageError, match=r"--device cuda was passed, but torch finds no CUDA device"):
         train(options(cifar_dir, device="cuda"), out=tmp_path / "run", progress=False)
+
+
+def test_device_mismatch_under_torchrun(monkeypatch):
+    # A process group that picked cuda:1 for this rank, as torchrun on a GPU machine does: the
+    # model would go to the GPU, so data placed on the CPU by --device cpu must be rejected.
+    monkeypatch.setattr(distributed, "has_process_group", lambda: True)
+    monkeypatch.setattr(distributed, "training_device", lambda: torch.device("cuda", 1))
+
+    with pytest.raises(UsageError, match=r"--device cpu selects the cpu, but under torchrun this rank trains on "
+                                         r"cuda:1 .*pass --device auto, or .*CUDA_VISIBLE_DEVICES"):
+        run_device("cpu")
+
+
+def test_device_of_cpu_ranks(monkeypatch):
+    monkeypatch.setattr(distributed, "has_process_group", lambda: True)
+    monkeypatch.setattr(distributed, "training_device", lambda: torch.device("cpu"))
+
+    assert run_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert run_device("auto") == torch.device("cpu")
 
 
 @pytest.mark.parametrize(
