@@ -80,8 +80,8 @@ class _NormBuffers:
 class _ParamBuffers:
     """Working tensors of one parameter, allocated on first use and reused by every step.
 
-    ``weights`` holds the saved w, ``grad_at_w`` the gradient g0, ``direction`` first eps and
-    then the update direction. ``stacked`` holds the two weight vectors ``w + eps`` and
+    ``weights`` holds the saved w, ``grad_at_w`` the gradient g0 and ``direction`` the update
+    direction. ``stacked`` holds the two weight vectors ``w + eps`` and
     ``w - eps`` of CR-SAM's batched passes along a new leading dimension.
     """
 
@@ -131,7 +131,9 @@ class _GroupBuffers:
         self.grads: list[Tensor] = [param.grad for param in self.params]
         # Where the passes leave g0 for the direction: .grad itself, or a saved copy of it.
         self.grad_at_w: list[Tensor] = self.grads
-        self.scale: Tensor | float = 0.0
+        # rho / ||g0|| and its negative, 0-dim tensors on the device; unset while rho is 0.
+        self.scale: Tensor | None = None
+        self.negative_scale: Tensor | None = None
         self.direction: list[Tensor] = []
         self._lists: dict[str, list[Tensor]] = {}
 
@@ -172,7 +174,9 @@ def _global_norm(tensors: list[Tensor]) -> Tensor:
     """Return the L2 norm over all tensors, as a 0-dim tensor on the first tensor's device."""
     norms = torch._foreach_norm(tensors)
     device = norms[0].device
-    return torch.linalg.vector_norm(torch.stack([norm.to(device) for norm in norms]))
+    if any(norm.device != device for norm in norms):
+        norms = [norm.to(device) for norm in norms]
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 class _Unscaler:
