@@ -180,6 +180,10 @@ def measure(
         "sam_over_floor": ratios("sam", "floor_sam"),
         "naive_sam_over_floor": ratios("naive_sam", "floor_sam"),
         "parallel_over_sequential": ratios("crsam_parallel", "crsam"),
+        "crsam_overhead_ms": [1e3 * v for v in quartiles(overheads("crsam", "floor_crsam"))],
+        "naive_crsam_overhead_ms": [1e3 * v for v in quartiles(overheads("naive_crsam", "floor_crsam"))],
+        "sam_overhead_ms": [1e3 * v for v in quartiles(overheads("sam", "floor_sam"))],
+        "naive_sam_overhead_ms": [1e3 * v for v in quartiles(overheads("naive_sam", "floor_sam"))],
         "crsam_overhead_share_of_naive": overhead_share("crsam"),
         "sam_overhead_share_of_naive": overhead_share("sam"),
     }
@@ -188,6 +192,11 @@ def measure(
 def format_ratio(quartile_triple: tuple[float, float, float]) -> str:
     first, median, third = quartile_triple
     return f"{median:.3f} [{first:.3f}, {third:.3f}]"
+
+
+def format_milliseconds(quartile_triple: list[float]) -> str:
+    first, median, third = quartile_triple
+    return f"{median:.2f} [{first:.2f}, {third:.2f}]"
 
 
 def format_share(value: float | None) -> str:
@@ -210,6 +219,17 @@ def print_markdown(report: dict) -> None:
             f"| {format_ratio(r['naive_sam_over_floor'])} | {format_share(r['crsam_overhead_share_of_naive'])} "
             f"| {format_share(r['sam_overhead_share_of_naive'])} | {format_ratio(r['parallel_over_sequential'])} |"
         )
+    print()
+    print("Overhead above the floor in ms, median [first quartile, third quartile] of per-repeat differences:")
+    print()
+    print("| model | CR-SAM | baseline CR-SAM | SAM | baseline SAM |")
+    print("|---|---|---|---|---|")
+    for r in report["results"]:
+        cells = [
+            format_milliseconds(r[key])
+            for key in ("crsam_overhead_ms", "naive_crsam_overhead_ms", "sam_overhead_ms", "naive_sam_overhead_ms")
+        ]
+        print(f"| {r['model']} | " + " | ".join(cells) + " |")
     print()
     print(
         "| model | repeats x steps | floor CR-SAM (ms) | CR-SAM (ms) | floor SAM (ms) | SAM (ms) "

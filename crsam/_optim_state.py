@@ -156,7 +156,7 @@ class _GroupBuffers:
         """Return the stacked leaves ``(2, *shape)`` and their two halves for batched passes."""
         leaves, plus, minus = [], [], []
         for param, record in zip(self.params, self.records):
-            if record.stacked is None or not _fits(record.stacked[0], param):
+            if record.stacked is None or not _fits(record.stacked_plus, param):
                 record.stacked = torch.empty((2, *param.shape), dtype=param.dtype, device=param.device)
                 record.stacked.requires_grad_(True)
                 record.stacked_plus, record.stacked_minus = record.stacked.detach().unbind(0)
