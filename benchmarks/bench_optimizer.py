@@ -219,6 +219,7 @@ def print_markdown(report: dict) -> None:
             f"| {format_ratio(r['naive_sam_over_floor'])} | {format_share(r['crsam_overhead_share_of_naive'])} "
             f"| {format_share(r['sam_overhead_share_of_naive'])} | {format_ratio(r['parallel_over_sequential'])} |"
         )
+
     print()
     print("Overhead above the floor in ms, median [first quartile, third quartile] of per-repeat differences:")
     print()
@@ -230,6 +231,7 @@ def print_markdown(report: dict) -> None:
             for key in ("crsam_overhead_ms", "naive_crsam_overhead_ms", "sam_overhead_ms", "naive_sam_overhead_ms")
         ]
         print(f"| {r['model']} | " + " | ".join(cells) + " |")
+
     print()
     print(
         "| model | repeats x steps | floor CR-SAM (ms) | CR-SAM (ms) | floor SAM (ms) | SAM (ms) "

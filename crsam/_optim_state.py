@@ -1,8 +1,8 @@
 """Working state of a sharpness-aware step: buffers, random state, normalization buffers, scaler.
 
 Everything here serves ``crsam.optim``. The tensors that a step writes into are allocated on the
-first step that needs them and reused by every later step, so a step allocates no tensor of
-parameter size itself: autograd allocates the gradients of each pass, as it does for any training
+first step that needs them and reused by every later step. So a step allocates no tensor of
+parameter size itself, and only autograd allocates the gradients of each pass, as in any training
 step.
 """
 
@@ -80,9 +80,9 @@ class _NormBuffers:
 class _ParamBuffers:
     """Working tensors of one parameter, allocated on first use and reused by every step.
 
-    ``weights`` holds the saved w, ``grad_at_w`` the gradient g0 and ``direction`` the update
-    direction. ``stacked`` holds the two weight vectors ``w + eps`` and
-    ``w - eps`` of CR-SAM's batched passes along a new leading dimension.
+    ``weights`` is the saved w, ``grad_at_w`` the gradient g0 and ``direction`` the update
+    direction. ``stacked`` contains the two weight vectors ``w + eps`` and ``w - eps`` of
+    CR-SAM's batched passes along a new leading dimension.
     """
 
     __slots__ = ("weights", "grad_at_w", "direction", "stacked", "stacked_plus", "stacked_minus")

@@ -422,6 +422,9 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
             random_before.restore()
             with self._no_sync():
                 loss = closure()
+            # Only the value is needed: detaching frees the pass's autograd graph now.
+            if isinstance(loss, Tensor):
+                loss = loss.detach()
             self._norm_buffers.restore()
             if unscaler is not None:
                 unscaler.unscale([p for g in groups for p in g.params])
@@ -595,9 +598,11 @@ class SAM(_SharpnessAwareOptimizer):
         )
 
     def _perturbed_passes(self, groups: list[_GroupBuffers], run: Callable[[], Tensor | float]) -> list[Tensor | float]:
-        # The weights are still at w, so adding eps gives w + eps.
+        # The weights are still at w, so adding eps gives w + eps. Dropping the references to g0
+        # lets the next pass reuse its memory once the closure clears .grad.
         for g in groups:
             self._perturb(g.params, g, 1.0, g.grads)
+            g.grads = g.grad_at_w = []
         loss_plus = run()
         for g in groups:
             g.direction = g.current_grads()
@@ -726,6 +731,7 @@ class CRSAM(_SharpnessAwareOptimizer):
             g.grad_at_w = g.buffers("grad_at_w")
             torch._foreach_copy_(g.grad_at_w, g.grads)
             self._perturb(g.params, g, 1.0, g.grads)
+            g.grads = []
         loss_plus = run()
 
         self._move(groups, -1.0)
@@ -787,7 +793,7 @@ class CRSAM(_SharpnessAwareOptimizer):
         Normalization layers in training mode write their running statistics in place, which
         ``vmap`` rejects for a tensor shared by both weight vectors, so they get scratch copies
         (2, *shape). In training mode the layers normalize with batch statistics, so the values
-        of the copies do not change the loss; the copies are discarded after the pass.
+        of the copies do not change the loss. The copies are discarded after the pass.
         """
         scratch_ids = set()
         for layer in module.modules():

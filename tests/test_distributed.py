@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from crsam.optim import CRSAM, SAM
+from crsam.optim import CRSAM, SAM, FunctionalClosure
 
 STEPS = 4
 GLOBAL_BATCH = 16
@@ -40,6 +40,7 @@ def build_optimizer(name: str, model: nn.Module, perturbation: str) -> torch.opt
         return SAM(model.parameters(), torch.optim.SGD, rho=0.1, model=model, perturbation=perturbation, lr=0.1)
     # "crsam-clip" clips to a bound far below the direction's norm (about 0.5 here), so that
     # clipping each process's direction before the all-reduce would give another update.
+    # "crsam-parallel" trains plain CR-SAM with the batched perturbed passes.
     max_grad_norm = 0.02 if name == "crsam-clip" else None
     return CRSAM(
         model.parameters(),
@@ -52,11 +53,17 @@ def build_optimizer(name: str, model: nn.Module, perturbation: str) -> torch.opt
     )
 
 
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches, rank: int, world_size: int) -> None:
+def train(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batches, rank: int, world_size: int, parallel: bool = False
+) -> None:
     for x, y in batches:
         # Each rank takes its contiguous share of the same global batch, without padding.
         share = GLOBAL_BATCH // world_size
         x_local, y_local = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
+
+        if parallel:
+            optimizer.step(FunctionalClosure(model, nn.functional.cross_entropy, x_local, y_local), parallel=True)
+            continue
 
         def closure():
             optimizer.zero_grad()
@@ -89,7 +96,7 @@ def worker(rank: int, world_size: int, name: str, perturbation: str, out_dir: st
 
         dist.all_reduce = counting_all_reduce
         optimizer = build_optimizer(name, ddp_model, perturbation)
-        train(ddp_model, optimizer, make_batches(), rank, world_size)
+        train(ddp_model, optimizer, make_batches(), rank, world_size, parallel=name == "crsam-parallel")
         dist.all_reduce = plain_all_reduce
 
         if rank == 0:
@@ -121,12 +128,12 @@ def run_two_processes(name: str, perturbation: str, tmp_path) -> dict:
     raise AssertionError("unreachable")
 
 
-@pytest.mark.parametrize(("name", "expected_all_reduces"), [("sam", 2), ("crsam", 2), ("crsam-clip", 2)])
+@pytest.mark.parametrize(("name", "expected_all_reduces"), [("sam", 2), ("crsam", 2), ("crsam-clip", 2), ("crsam-parallel", 2)])
 def test_global_perturbation_matches_one_process(name, expected_all_reduces, tmp_path):
     result = run_two_processes(name, "global", tmp_path)
     model = make_model()
     optimizer = build_optimizer(name, model, "global")
-    train(model, optimizer, make_batches(), rank=0, world_size=1)
+    train(model, optimizer, make_batches(), rank=0, world_size=1, parallel=name == "crsam-parallel")
 
     # float32: the two runs sum the same numbers in a different order (two half-batch means
     # averaged, against one full-batch mean), so they differ by a few ulps per step. After four

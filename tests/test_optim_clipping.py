@@ -12,9 +12,9 @@ from torch.func import functional_call, grad
 
 from crsam.optim import CRSAM, SAM
 
-# Float64 round-off, as in test_optim.py: the direction and its clipping factor are each a few
+# Float64 round-off, as in test_optim.py. The direction and its clipping factor are each a few
 # operations on O(1) numbers, computed in another order by the reference, so they agree to a few
-# ulps (2.2e-16 each); 1e-12 leaves a margin of about 1000 ulps.
+# ulps (2.2e-16 each). 1e-12 leaves a margin of about 1000 ulps.
 ROUND_OFF_RTOL = 1e-12
 ROUND_OFF_ATOL = 1e-13
 

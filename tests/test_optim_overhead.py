@@ -1,7 +1,8 @@
 """The optimizer's own work per step: allocations, host-device synchronizations, reused buffers.
 
-A torch dispatch mode sees every aten operation that the step runs outside the closure, with its
-outputs, so it can tell an operation that allocates a new tensor from one that writes in place.
+A torch dispatch mode intercepts every aten operation that the step runs outside the closure,
+with its outputs, so it can tell an operation that allocates a new tensor from one that writes in
+place.
 Host-device synchronizations are counted where Python code reads a tensor's value or copies it
 to the CPU (``item``, ``tolist``, ``bool``, ``float``, ``int``, ``numpy``, ``cpu``), and where an
 aten operation reads a scalar (``_local_scalar_dense``, which ``.item()`` calls from C++ as well).
@@ -197,7 +198,8 @@ def test_buffers_keep_storage_across_steps(optimizer_class):
         optimizer.step(closure)
         assert pointers() == first
 
-    # SAM keeps the weights only; CR-SAM also g0 and the direction; both the 3 BatchNorm buffers.
+    # SAM keeps only the weights, and CR-SAM also g0 and the direction. Both keep copies of the 3
+    # BatchNorm buffers.
     expected_slots = 1 if optimizer_class is SAM else 3
     assert len(first) == expected_slots * len(list(model.parameters())) + 3
 

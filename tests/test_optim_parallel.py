@@ -1,8 +1,8 @@
 """CR-SAM's batched perturbed passes (``parallel=True``) against its sequential passes.
 
 Both paths get the same :class:`FunctionalClosure`. The pass at w is the same closure call in
-both, so g0, eps, the BatchNorm statistics and the random state after the step are the same;
-the two perturbed gradients differ only in the summation order of the batched kernels.
+both, so g0, eps, the BatchNorm statistics and the random state after the step are the same. The
+two perturbed gradients differ only in the summation order of the batched kernels.
 """
 
 from __future__ import annotations
