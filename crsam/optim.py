@@ -20,9 +20,10 @@ Guarantees that hold for both classes:
 * All hyperparameters live in ``param_groups``, which the base optimizer shares, so LR schedulers
   built on the wrapper drive the base optimizer and ``state_dict`` round-trips.
 * The optimizer's own work (norm, perturbation, save and restore, combination, clipping) runs as
-  ``torch._foreach_*`` operations into buffers allocated on the first step and reused, and
-  synchronizes the host with the device once per step: the finiteness check of the losses and
-  the gradient norm (with a GradScaler, the scaler's own overflow check instead).
+  ``torch._foreach_*`` operations, or one operation per tensor with ``out=`` where that saves a
+  pass over the memory, into buffers allocated on the first step and reused. It synchronizes the
+  host with the device once per step, in the finiteness check of the losses and the gradient
+  norm (with a GradScaler, the scaler's own overflow check instead).
 
 References:
     Foret, P., Kleiner, A., Mobahi, H., Neyshabur, B. (2021). Sharpness-Aware Minimization for
@@ -249,11 +250,13 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
     def _perturbed_passes(self, groups: list[_GroupBuffers], run: Callable[[], Tensor | float]) -> list[Tensor | float]:
         """Run the perturbed passes and leave the local direction in each group.
 
-        Each group arrives with ``g.scale = rho / ||g0||`` (and its negative ``g.negative_scale``),
-        ``g.grads`` = g0, and the weights at ``w`` saved in ``g.buffers("weights")``. ``run()`` calls the closure where the weights
-        are and returns the loss. Each subclass sets ``g.direction`` to its update direction, in
-        which the gradient at ``w`` (the only one that may already be averaged over processes)
-        enters through :meth:`_add_gradient_at_w` after the all-reduce.
+        Each group arrives with ``g.scale = rho / ||g0||`` (and its negative
+        ``g.negative_scale``), ``g.grads`` = g0, and the weights at ``w`` saved in
+        ``g.buffers("weights")``. ``run()`` calls the closure where the weights are and returns
+        the loss. Each subclass sets ``g.direction`` to its update direction, in which the
+        gradient at ``w`` (the only one that may already be averaged over processes) enters
+        through :meth:`_add_gradient_at_w`: after the all-reduce with the global perturbation,
+        before it with the local one.
         """
         raise NotImplementedError
 
@@ -384,10 +387,17 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
         else:
             losses = self._run_sequential(groups, closure, random_before, random_after, loss_at_w, unscaler)
 
-        # Gradients of the perturbed passes are local to this process: average them once.
-        if self._distributed_group() is not None:
+        # Gradients of the perturbed passes are local to this process: average them once. With
+        # the global perturbation g0 is already the average and joins afterwards. With the local
+        # one g0 is this process's own, so it joins before, or the replicas would drift apart.
+        distributed = self._distributed_group() is not None
+        if distributed and self.perturbation == "local":
+            self._add_gradient_at_w(groups)
             self._all_reduce_mean([d for g in groups for d in g.direction])
-        self._add_gradient_at_w(groups)
+        else:
+            if distributed:
+                self._all_reduce_mean([d for g in groups for d in g.direction])
+            self._add_gradient_at_w(groups)
         self._finish(groups, losses, grad_norm, unscaler)
         return loss_at_w
 
@@ -734,7 +744,7 @@ class CRSAM(_SharpnessAwareOptimizer):
 
     @staticmethod
     def _add_minus(g: _GroupBuffers, grads_minus: list[Tensor]) -> None:
-        """Add (alpha - beta) g- to the direction; -2 alpha g0 follows after the all-reduce."""
+        """Add (alpha - beta) g- to the direction; :meth:`_add_gradient_at_w` adds -2 alpha g0."""
         alpha, beta = float(g.group["alpha"]), float(g.group["beta"])
         g.direction = g.buffers("direction")
         torch._foreach_add_(g.direction, grads_minus, alpha=alpha - beta)

@@ -99,11 +99,10 @@ def worker(rank: int, world_size: int, name: str, perturbation: str, out_dir: st
         train(ddp_model, optimizer, make_batches(), rank, world_size, parallel=name == "crsam-parallel")
         dist.all_reduce = plain_all_reduce
 
-        if rank == 0:
-            torch.save(
-                {"state": model.state_dict(), "gradient_all_reduces": reduced["numel"] / (gradient_numel * STEPS)},
-                os.path.join(out_dir, "result.pt"),
-            )
+        torch.save(
+            {"state": model.state_dict(), "gradient_all_reduces": reduced["numel"] / (gradient_numel * STEPS)},
+            os.path.join(out_dir, f"result{rank}.pt"),
+        )
         # Both ranks finish their collectives before either tears gloo down; exiting while the
         # peer still talks to it aborts the process.
         dist.barrier()
@@ -124,7 +123,9 @@ def run_two_processes(name: str, perturbation: str, tmp_path) -> dict:
             if attempt == 1:
                 raise
             continue
-        return torch.load(folder / "result.pt", weights_only=True)
+        result = torch.load(folder / "result0.pt", weights_only=True)
+        result["peer_state"] = torch.load(folder / "result1.pt", weights_only=True)["state"]
+        return result
     raise AssertionError("unreachable")
 
 
@@ -142,9 +143,16 @@ def test_global_perturbation_matches_one_process(name, expected_all_reduces, tmp
     for key, value in model.state_dict().items():
         torch.testing.assert_close(result["state"][key], value, rtol=1e-5, atol=1e-5)
     assert result["gradient_all_reduces"] == expected_all_reduces
+    # Both processes apply the same averaged update, so their replicas stay identical.
+    for key, value in result["state"].items():
+        assert torch.equal(result["peer_state"][key], value), key
 
 
 def test_local_perturbation_all_reduces_once(tmp_path):
     result = run_two_processes("crsam", "local", tmp_path)
 
     assert result["gradient_all_reduces"] == 1
+    # Each process perturbs with its own gradient, but the update, g0 term included, is
+    # averaged, so the replicas stay identical.
+    for key, value in result["state"].items():
+        assert torch.equal(result["peer_state"][key], value), key
