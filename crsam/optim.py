@@ -372,9 +372,9 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
 
         # eps = rho * g0 / ||g0|| with the norm over every group. The division stays on the
         # device, so no value reaches the host before the end. Clamping the norm to at least
-        # max(1, rho) times the smallest normal float keeps rho / ||g0|| finite (torch divides
-        # by multiplying with the reciprocal, which overflows for subnormal divisors), so a zero
-        # gradient gives eps = 0 * finite = 0, not NaN.
+        # max(1, rho) times the smallest normal float keeps rho / ||g0|| finite, so a zero
+        # gradient gives eps = 0 * finite = 0, not NaN. Tensor.__rdiv__ computes the quotient
+        # as reciprocal(||g0||) * rho, and the reciprocal of a subnormal norm overflows.
         grad_norm = _global_norm([grad for g in groups for grad in g.grads])
         tiny = torch.finfo(grad_norm.dtype).tiny
         for g in groups:
