@@ -1,33 +1,43 @@
-"""Measure the optimizer's own overhead: a SAM or CR-SAM step against its floor.
+"""Measure the optimizer's own overhead: SAM and CR-SAM steps against their floors.
 
 The floor of a CR-SAM step is three bare forward-backward passes plus one base-optimizer step on
 the same model and batch (SAM: two passes plus one step). Everything above the floor is the
-optimizer's own work: norms, perturbation, restore, combination. The benchmark also times a
-straightforward sequential implementation, written below as the baseline, that clones gradients
-and rebuilds the weights by +e, -2e, +e arithmetic, as much research code does.
+optimizer's own work: norms, perturbation, save and restore, combination. The benchmark also
+times a straightforward sequential implementation, written below as the baseline, that clones
+gradients and rebuilds the weights by +e, -2e, +e arithmetic in Python loops over the
+parameters, as much research code does, and CR-SAM's batched passes (``parallel=True``).
 
-Timings are the median over interleaved repeats (each repeat times every variant once, in turn),
-so a slow moment of the machine hits every variant alike. Run:
+Each repeat times every variant once, in turn, so a slow moment of the machine hits all variants
+alike. The figures are medians over repeats of per-repeat ratios and differences against the
+floor timed in the same repeat, with interquartile ranges. By default the clock is the process's
+CPU time, which leaves out the time other processes hold the core (with one thread it is the
+time spent on this benchmark's work); ``--clock wall`` uses the wall clock. Models: the MNIST-1D MLP and 1-D CNN
+of ``crsam.models`` (batch 128 of 40 features) and the CIFAR ResNet-18 of
+``crsam.vision_models`` (batch 32 of random 3x32x32 images), all on the CPU with one thread.
+Run:
 
-    python benchmarks/bench_optimizer.py --repeats 15 --steps 10 [--json]
+    python benchmarks/bench_optimizer.py [--repeats 15] [--steps 10] [--resnet-repeats 5] [--clock cpu] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from crsam.models import build_model
-from crsam.optim import CRSAM, SAM
+from crsam.optim import CRSAM, SAM, FunctionalClosure
+from crsam.vision_models import build_vision_model
 
 RHO, ALPHA, BETA = 0.05, 0.1, 0.01
-SGD_ARGS = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}
+SGD_ARGS = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-3}
 
 
 def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -78,15 +88,17 @@ class NaiveCRSAM:
         self.base.step()
 
 
-def make_variants(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+def make_variants(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Callable[[], object]]:
     """Return one step function per variant, all on the same model and batch."""
     base = torch.optim.SGD(model.parameters(), **SGD_ARGS)
     crsam = CRSAM(model.parameters(), torch.optim.SGD, rho=RHO, alpha=ALPHA, beta=BETA, model=model, **SGD_ARGS)
+    crsam_batched = CRSAM(model.parameters(), torch.optim.SGD, rho=RHO, alpha=ALPHA, beta=BETA, model=model, **SGD_ARGS)
     sam = SAM(model.parameters(), torch.optim.SGD, rho=RHO, model=model, **SGD_ARGS)
     naive_crsam = NaiveCRSAM(model, sam_only=False)
     naive_sam = NaiveCRSAM(model, sam_only=True)
+    functional_closure = FunctionalClosure(model, nn.functional.cross_entropy, x, y)
 
-    def floor(passes: int):
+    def floor(passes: int) -> Callable[[], None]:
         def run() -> None:
             for _ in range(passes):
                 base.zero_grad()
@@ -95,8 +107,8 @@ def make_variants(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
 
         return run
 
-    def wrapped(optimizer):
-        def closure():
+    def wrapped(optimizer: torch.optim.Optimizer) -> Callable[[], object]:
+        def closure() -> torch.Tensor:
             optimizer.zero_grad()
             return forward_backward(model, x, y)
 
@@ -106,75 +118,176 @@ def make_variants(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
         "floor_crsam": floor(3),
         "crsam": wrapped(crsam),
         "naive_crsam": lambda: naive_crsam.step(model, x, y),
+        "crsam_parallel": lambda: crsam_batched.step(functional_closure, parallel=True),
         "floor_sam": floor(2),
         "sam": wrapped(sam),
         "naive_sam": lambda: naive_sam.step(model, x, y),
     }
 
 
-def measure(name: str, model: nn.Module, x, y, repeats: int, steps: int) -> dict:
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """Return the first quartile, the median and the third quartile."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    first, median, third = statistics.quantiles(values, n=4, method="inclusive")
+    return first, median, third
+
+
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def measure(
+    name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int, steps: int, clock: str
+) -> dict:
+    """Time every variant ``repeats`` times, interleaved, and summarize against the floors."""
+    model.train()
     variants = make_variants(model, x, y)
     for run in variants.values():
-        run()  # warm-up: allocator, thread pool
-    times: dict[str, list[float]] = {key: [] for key in variants}
+        run()  # warm-up: allocator, thread pool, lazily allocated buffers
+    seconds: dict[str, list[float]] = {key: [] for key in variants}
+    wall_seconds: dict[str, list[float]] = {key: [] for key in variants}
+    now = CLOCKS[clock]
     for _ in range(repeats):
         for key, run in variants.items():
-            start = time.perf_counter()
+            start, wall_start = now(), time.perf_counter()
             for _ in range(steps):
                 run()
-            times[key].append((time.perf_counter() - start) / steps)
-    median = {key: statistics.median(values) for key, values in times.items()}
+            seconds[key].append((now() - start) / steps)
+            wall_seconds[key].append((time.perf_counter() - wall_start) / steps)
 
-    def overhead(kind: str) -> float:
-        return median[kind] - median[f"floor_{kind.removeprefix('naive_')}"]
+    def ratios(variant: str, reference: str) -> tuple[float, float, float]:
+        return quartiles([a / b for a, b in zip(seconds[variant], seconds[reference])])
+
+    def overheads(variant: str, floor: str) -> list[float]:
+        return [a - b for a, b in zip(seconds[variant], seconds[floor])]
+
+    def overhead_share(kind: str) -> float | None:
+        # Median overhead of crsam's step above the floor over the baseline's median overhead.
+        ours = statistics.median(overheads(kind, f"floor_{kind}"))
+        baseline = statistics.median(overheads(f"naive_{kind}", f"floor_{kind}"))
+        return ours / baseline if baseline > 0 else None
 
     return {
         "model": name,
         "params": sum(p.numel() for p in model.parameters()),
         "batch": int(x.shape[0]),
-        "median_seconds": median,
-        "crsam_over_floor": median["crsam"] / median["floor_crsam"],
-        "sam_over_floor": median["sam"] / median["floor_sam"],
-        "naive_crsam_over_floor": median["naive_crsam"] / median["floor_crsam"],
-        "naive_sam_over_floor": median["naive_sam"] / median["floor_sam"],
-        "crsam_overhead_vs_naive": overhead("crsam") / overhead("naive_crsam") if overhead("naive_crsam") > 0 else None,
-        "sam_overhead_vs_naive": overhead("sam") / overhead("naive_sam") if overhead("naive_sam") > 0 else None,
+        "repeats": repeats,
+        "steps": steps,
+        "median_seconds": {key: statistics.median(values) for key, values in seconds.items()},
+        "median_wall_seconds": {key: statistics.median(values) for key, values in wall_seconds.items()},
+        "crsam_over_floor": ratios("crsam", "floor_crsam"),
+        "naive_crsam_over_floor": ratios("naive_crsam", "floor_crsam"),
+        "sam_over_floor": ratios("sam", "floor_sam"),
+        "naive_sam_over_floor": ratios("naive_sam", "floor_sam"),
+        "parallel_over_sequential": ratios("crsam_parallel", "crsam"),
+        "crsam_overhead_ms": [1e3 * v for v in quartiles(overheads("crsam", "floor_crsam"))],
+        "naive_crsam_overhead_ms": [1e3 * v for v in quartiles(overheads("naive_crsam", "floor_crsam"))],
+        "sam_overhead_ms": [1e3 * v for v in quartiles(overheads("sam", "floor_sam"))],
+        "naive_sam_overhead_ms": [1e3 * v for v in quartiles(overheads("naive_sam", "floor_sam"))],
+        "crsam_overhead_share_of_naive": overhead_share("crsam"),
+        "sam_overhead_share_of_naive": overhead_share("sam"),
     }
+
+
+def format_ratio(quartile_triple: tuple[float, float, float]) -> str:
+    first, median, third = quartile_triple
+    return f"{median:.3f} [{first:.3f}, {third:.3f}]"
+
+
+def format_milliseconds(quartile_triple: list[float]) -> str:
+    first, median, third = quartile_triple
+    return f"{median:.2f} [{first:.2f}, {third:.2f}]"
+
+
+def format_share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def print_markdown(report: dict) -> None:
+    print(f"{report['machine']}; torch {report['torch']}; {report['threads']} thread; {report['clock']} clock")
+    print(f"load average before / after: {report['load_before']} / {report['load_after']}")
+    print()
+    print(
+        "| model | params | batch | CR-SAM / floor | baseline / floor | SAM / floor | baseline SAM / floor "
+        "| CR-SAM overhead / baseline's | SAM overhead / baseline's | parallel / sequential CR-SAM |"
+    )
+    print("|---|---:|---:|---|---|---|---|---:|---:|---|")
+    for r in report["results"]:
+        print(
+            f"| {r['model']} | {r['params']} | {r['batch']} | {format_ratio(r['crsam_over_floor'])} "
+            f"| {format_ratio(r['naive_crsam_over_floor'])} | {format_ratio(r['sam_over_floor'])} "
+            f"| {format_ratio(r['naive_sam_over_floor'])} | {format_share(r['crsam_overhead_share_of_naive'])} "
+            f"| {format_share(r['sam_overhead_share_of_naive'])} | {format_ratio(r['parallel_over_sequential'])} |"
+        )
+
+    print()
+    print("Overhead above the floor in ms, median [first quartile, third quartile] of per-repeat differences:")
+    print()
+    print("| model | CR-SAM | baseline CR-SAM | SAM | baseline SAM |")
+    print("|---|---|---|---|---|")
+    for r in report["results"]:
+        cells = [
+            format_milliseconds(r[key])
+            for key in ("crsam_overhead_ms", "naive_crsam_overhead_ms", "sam_overhead_ms", "naive_sam_overhead_ms")
+        ]
+        print(f"| {r['model']} | " + " | ".join(cells) + " |")
+
+    print()
+    print(
+        "| model | repeats x steps | floor CR-SAM (ms) | CR-SAM (ms) | floor SAM (ms) | SAM (ms) "
+        "| parallel CR-SAM (ms) | wall/clock, floor CR-SAM |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in report["results"]:
+        ms = {key: 1e3 * value for key, value in r["median_seconds"].items()}
+        wall_share = r["median_wall_seconds"]["floor_crsam"] / r["median_seconds"]["floor_crsam"]
+        print(
+            f"| {r['model']} | {r['repeats']} x {r['steps']} | {ms['floor_crsam']:.2f} | {ms['crsam']:.2f} "
+            f"| {ms['floor_sam']:.2f} | {ms['sam']:.2f} | {ms['crsam_parallel']:.2f} | {wall_share:.2f} |"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15, help="interleaved repeats per variant")
-    parser.add_argument("--steps", type=int, default=10, help="steps timed in each repeat")
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved repeats for the MNIST-1D models")
+    parser.add_argument("--steps", type=int, default=10, help="steps timed per repeat for the MNIST-1D models")
+    parser.add_argument("--resnet-repeats", type=int, default=5, help="interleaved repeats of one step for ResNet-18")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="process CPU time or wall clock [cpu]")
     parser.add_argument("--batch-size", type=int, default=128, help="MNIST-1D batch size")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of Markdown tables")
     args = parser.parse_args()
+    for flag in ("repeats", "steps", "resnet_repeats", "batch_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
 
+    # One thread: the machine's other jobs then slow each variant alike instead of stealing
+    # some of several threads at random moments.
+    torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 40)
     y = torch.randint(0, 10, (args.batch_size,))
     results = [
-        measure(name, build_model(name, activation="gelu"), x, y, args.repeats, args.steps)
+        measure(name, build_model(name, activation="gelu"), x, y, args.repeats, args.steps, args.clock)
         for name in ("mlp", "cnn1d")
     ]
+    images = torch.randn(32, 3, 32, 32)
+    labels = torch.randint(0, 10, (32,))
+    results.append(measure("resnet18", build_vision_model("resnet18"), images, labels, args.resnet_repeats, 1, args.clock))
+
     report = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs",
         "torch": torch.__version__,
-        "repeats": args.repeats,
-        "steps": args.steps,
+        "threads": torch.get_num_threads(),
+        "clock": args.clock,
+        "load_before": round(load_before, 2),
+        "load_after": round(os.getloadavg()[0], 2),
         "results": results,
     }
     if args.json:
         print(json.dumps(report, indent=2))
-        return
-    print(f"{report['machine']}, torch {report['torch']}, median of {args.repeats} interleaved repeats")
-    header = f"{'model':8} {'params':>8} {'crsam/floor':>12} {'naive/floor':>12} {'sam/floor':>10} {'naive/floor':>12}"
-    print(header)
-    for r in results:
-        print(
-            f"{r['model']:8} {r['params']:8d} {r['crsam_over_floor']:12.3f} {r['naive_crsam_over_floor']:12.3f} "
-            f"{r['sam_over_floor']:10.3f} {r['naive_sam_over_floor']:12.3f}"
-        )
+    else:
+        print_markdown(report)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Both optimizers take ``step(closure)``: the closure zeroes the gradients, runs t
 backward pass on the current batch and returns the loss. The optimizer calls it at the weights
 ``w`` and at perturbed weights, restores ``w`` from a saved copy, writes the combined gradient
 into ``p.grad`` and lets the base optimizer (``torch.optim.SGD``, ``torch.optim.AdamW``, ...)
-take its step at ``w``.
+take its step at ``w``. CR-SAM can instead evaluate its two perturbed passes as one batched pass
+(``step(FunctionalClosure(...), parallel=True)``).
 
 Guarantees that hold for both classes:
 
@@ -18,6 +19,11 @@ Guarantees that hold for both classes:
   optimizer's step.
 * All hyperparameters live in ``param_groups``, which the base optimizer shares, so LR schedulers
   built on the wrapper drive the base optimizer and ``state_dict`` round-trips.
+* The optimizer's own work (norm, perturbation, save and restore, combination, clipping) runs as
+  ``torch._foreach_*`` operations, or one operation per tensor with ``out=`` where that saves a
+  pass over the memory, into buffers allocated on the first step and reused. It synchronizes the
+  host with the device once per step, in the finiteness check of the losses and the gradient
+  norm (with a GradScaler, the scaler's own overflow check instead).
 
 References:
     Foret, P., Kleiner, A., Mobahi, H., Neyshabur, B. (2021). Sharpness-Aware Minimization for
@@ -38,7 +44,17 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-__all__ = ["SAM", "CRSAM", "NonFiniteLossError"]
+from crsam._optim_state import (
+    _CommunicationBuffer,
+    _global_norm,
+    _GroupBuffers,
+    _NormBuffers,
+    _ParamBuffers,
+    _RandomState,
+    _Unscaler,
+)
+
+__all__ = ["SAM", "CRSAM", "FunctionalClosure", "NonFiniteLossError"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -53,48 +69,88 @@ def _check_hyperparameter(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
 
 
-class _RandomState:
-    """Snapshot of torch's global generators: the CPU one and every initialized CUDA device.
+def _check_max_grad_norm(value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is None or a finite, positive real number."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"max_grad_norm must be None or a positive real number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"max_grad_norm must be finite and > 0, or None to turn clipping off, got {value!r}")
 
-    NOTE: Python's ``random`` and numpy's generators are not captured, so a closure that draws
-    from them (data augmentation, say) sees different draws in each pass. Draw those outside.
+
+def _with_grad_enabled(closure: Callable[[], Tensor | float]) -> Callable[[], Tensor | float]:
+    """Return the closure run with gradients enabled (cheaper than the enable_grad decorator)."""
+
+    def run() -> Tensor | float:
+        with torch.enable_grad():
+            return closure()
+
+    return run
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Return the module inside a DistributedDataParallel wrapper, or the model itself."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
+class FunctionalClosure:
+    """The loss of a model on one batch, usable as a closure and as a function of the weights.
+
+    Calling the object does what a hand-written closure does: it sets the gradients of the
+    model's parameters to None, runs ``loss_fn(model(*inputs), targets)``, calls ``backward`` and
+    returns the loss, detached. Any optimizer's ``step`` accepts it. :meth:`CRSAM.step` with
+    ``parallel=True`` instead evaluates the loss at ``w + eps`` and ``w - eps`` in one batched
+    pass (``torch.func.functional_call`` under ``torch.func.vmap``), so a trainer switches between
+    the sequential and the batched passes with one flag.
+
+    Args:
+        model: the module being trained, or its ``DistributedDataParallel`` wrapper. It must own
+            every parameter of the optimizer that receives a gradient.
+        loss_fn: maps ``(output, targets)`` to a scalar loss, such as
+            ``torch.nn.functional.cross_entropy``.
+        inputs: the model's input, or a tuple of positional inputs.
+        targets: the second argument of ``loss_fn``.
+
+    NOTE: the loss is not scaled, so a ``GradScaler`` cannot drive it; :meth:`step` rejects the
+    pair. Write a closure that calls ``scaler.scale(loss).backward()`` for float16 training.
     """
 
-    def __init__(self) -> None:
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], inputs: Any, targets: Any) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(output, targets), got {loss_fn!r}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+        self.targets = targets
 
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
+    def __call__(self) -> Tensor:
+        """Zero the model's gradients, run forward and backward, and return the loss."""
+        for param in self.model.parameters():
+            param.grad = None
+        with torch.enable_grad():
+            loss = self.loss_fn(self.model(*self.inputs), self.targets)
+            loss.backward()
+        return loss.detach()
 
-
-class _NormBuffers:
-    """Copy of the running statistics and batch counters of a model's normalization layers."""
-
-    def __init__(self, model: nn.Module | None) -> None:
-        self.pairs: list[tuple[Tensor, Tensor]] = []
-        if model is None:
-            return
-        for module in model.modules():
-            if not (isinstance(module, _NormBase) and module.track_running_stats):
-                continue
-            for buffer in (module.running_mean, module.running_var, module.num_batches_tracked):
-                if buffer is not None:
-                    self.pairs.append((buffer, buffer.detach().clone()))
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for buffer, saved in self.pairs:
-                buffer.copy_(saved)
+    def loss_at(self, parameters: dict[str, Tensor], buffers: dict[str, Tensor]) -> Tensor:
+        """Return the loss with the model's parameters and buffers replaced by the given ones."""
+        module = _unwrap(self.model)
+        output = torch.func.functional_call(module, (parameters, buffers), self.inputs, strict=True)
+        return self.loss_fn(output, self.targets)
 
 
 class _SharpnessAwareOptimizer(torch.optim.Optimizer):
     """Shared machinery of SAM and CR-SAM: wrapping, state, random state, restore, checks."""
 
-    # Names of the hyperparameters this wrapper adds to every parameter group.
+    # Names of the non-negative hyperparameters this wrapper adds to every parameter group.
     _own_hyperparameters: tuple[str, ...] = ("rho",)
+    # Whether step(parallel=True) can batch the perturbed passes.
+    _supports_parallel = False
 
     def __init__(
         self,
@@ -104,6 +160,7 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
         model: nn.Module | None,
         perturbation: str,
         own_defaults: dict[str, float],
+        max_grad_norm: float | None,
         **base_kwargs: Any,
     ) -> None:
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
@@ -118,10 +175,16 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
             raise ValueError(f"perturbation must be 'global' or 'local', got {perturbation!r}")
         for name, value in own_defaults.items():
             _check_hyperparameter(name, value)
+        _check_max_grad_norm(max_grad_norm)
+        own_defaults = {**own_defaults, "max_grad_norm": max_grad_norm}
         clashes = sorted(set(own_defaults) & set(base_kwargs))
         if clashes:
             raise ValueError(f"hyperparameters {clashes} are given twice; pass each once")
 
+        # Working tensors reused by every step, keyed by id(param).
+        self._param_buffers: dict[int, _ParamBuffers] = {}
+        self._norm_buffers = _NormBuffers()
+        self._communication = _CommunicationBuffer()
         super().__init__(params, {**own_defaults, **base_kwargs})
 
         # The base optimizer shares the wrapper's group dicts and per-parameter state, so an LR
@@ -142,10 +205,19 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
         for name in self._own_hyperparameters:
             if name in param_group:
                 _check_hyperparameter(name, param_group[name])
+        if "max_grad_norm" in param_group:
+            _check_max_grad_norm(param_group["max_grad_norm"])
+            # Clipping scales the direction of all parameters by one factor, so one bound applies.
+            if self.param_groups and param_group["max_grad_norm"] != self.param_groups[0]["max_grad_norm"]:
+                raise ValueError(
+                    f"max_grad_norm {param_group['max_grad_norm']!r} of the new group differs from "
+                    f"{self.param_groups[0]['max_grad_norm']!r} of the first group; clipping uses one "
+                    "norm over all parameters, so leave max_grad_norm out of the group"
+                )
         super().add_param_group(param_group)
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the base optimizer's state dict, whose groups also hold rho, alpha and beta."""
+        """Return the base optimizer's state dict, whose groups also hold the wrapper's hyperparameters."""
         state = self.base_optimizer.state_dict()
         state["sharpness_aware"] = {"num_steps": self.num_steps}
         return state
@@ -154,6 +226,7 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
         """Load a state dict written by :meth:`state_dict` of the same class and parameters."""
         state_dict = dict(state_dict)
         extra = state_dict.pop("sharpness_aware", {"num_steps": 0})
+        groups = []
         for group in state_dict.get("param_groups", []):
             for name in self._own_hyperparameters:
                 if name not in group:
@@ -162,6 +235,12 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
                         f"by {type(self).__name__}.state_dict(); load it into the base optimizer"
                     )
                 _check_hyperparameter(name, group[name])
+            # State dicts written before clipping existed have no max_grad_norm: no clipping.
+            group = {"max_grad_norm": None, **group}
+            _check_max_grad_norm(group["max_grad_norm"])
+            groups.append(group)
+        if groups:
+            state_dict["param_groups"] = groups
         self.base_optimizer.load_state_dict(state_dict)
         self._link_base_optimizer()
         self.num_steps = int(extra["num_steps"])
@@ -171,40 +250,78 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
     def _perturbed_passes(self, groups: list[_GroupBuffers], run: Callable[[], Tensor | float]) -> list[Tensor | float]:
         """Run the perturbed passes and leave the local direction in each group.
 
-        :meth:`_move` places the weights, and ``run()`` calls the closure there and returns the
-        loss. Each subclass sets ``g.direction`` to its update direction, in which the gradient at
-        ``w`` (the only one that may already be averaged over processes) enters through
-        :meth:`_add_gradient_at_w` after the all-reduce.
+        Each group arrives with ``g.scale = rho / ||g0||`` (and its negative
+        ``g.negative_scale``), ``g.grads`` = g0, and the weights at ``w`` saved in
+        ``g.buffers("weights")``. ``run()`` calls the closure where the weights are and returns
+        the loss. Each subclass sets ``g.direction`` to its update direction, in which the
+        gradient at ``w`` (the only one that may already be averaged over processes) enters
+        through :meth:`_add_gradient_at_w`: after the all-reduce with the global perturbation,
+        before it with the local one.
         """
+        raise NotImplementedError
+
+    def _parallel_passes(self, groups: list[_GroupBuffers], closure: FunctionalClosure) -> list[Tensor]:
+        """Run the perturbed passes as one batched evaluation and leave the direction in each group."""
         raise NotImplementedError
 
     def _add_gradient_at_w(self, groups: list[_GroupBuffers]) -> None:
         """Add the gradient-at-w term of the direction (none for SAM)."""
 
     @staticmethod
-    def _move(groups: list[_GroupBuffers], sign: float) -> None:
+    def _perturb(targets: list[Tensor], g: _GroupBuffers, sign: float, grad_at_w: list[Tensor]) -> None:
+        """Add ``sign * eps = sign * scale * g0`` to tensors that contain ``w``.
+
+        ``addcmul`` forms eps inside the addition, so eps needs no buffer of its own. Every path
+        (SAM, CR-SAM sequential and batched) perturbs with this one operation, so all of them
+        round ``w + eps`` alike.
+        """
+        if g.rho > 0:
+            scale = g.scale if sign > 0 else g.negative_scale
+            torch._foreach_addcmul_(targets, grad_at_w, [scale] * len(targets))
+
+    @staticmethod
+    def _write_perturbed(targets: list[Tensor], g: _GroupBuffers, sign: float, weights: list[Tensor]) -> None:
+        """Write ``weights + sign * scale * g0`` into ``targets`` in one pass over the memory.
+
+        Same values as copying ``weights`` and calling :meth:`_perturb`, with one read of the
+        weights fewer. The loop runs one ``addcmul`` per tensor, as ``_foreach_addcmul_`` does
+        on the CPU for a 0-dim factor; no foreach operation takes an ``out=`` argument.
+        """
+        if g.rho == 0:
+            torch._foreach_copy_(targets, weights)
+            return
+        scale = g.scale if sign > 0 else g.negative_scale
+        for target, weight, grad in zip(targets, weights, g.grad_at_w):
+            torch.addcmul(weight, grad, scale, out=target)
+
+    def _move(self, groups: list[_GroupBuffers], sign: float) -> None:
         """Set the weights to ``w + sign * eps`` from the saved copy of ``w``."""
         for g in groups:
-            torch._foreach_copy_(g.params, g.weights)
-            torch._foreach_add_(g.params, g.eps, alpha=sign)
+            self._write_perturbed(g.params, g, sign, g.buffers("weights"))
 
     @torch.no_grad()
     def step(  # type: ignore[override]
         self,
         closure: Callable[[], Tensor | float] | None = None,
         scaler: torch.amp.GradScaler | None = None,
+        *,
+        parallel: bool = False,
     ) -> Tensor | float:
         """Run the passes, combine their gradients and take the base optimizer's step at ``w``.
 
         Args:
             closure: zeroes the gradients, runs forward and backward on the batch and returns the
                 loss. It is called once at ``w`` and once per perturbed point. With a ``scaler``
-                it calls ``scaler.scale(loss).backward()`` and returns the unscaled loss.
+                it calls ``scaler.scale(loss).backward()`` and returns the unscaled loss. A
+                :class:`FunctionalClosure` works as a closure and is required by ``parallel``.
             scaler: a ``torch.amp.GradScaler`` for float16 training, which the optimizer drives
                 itself, because ``GradScaler.step`` rejects closures. Each pass's gradients are
                 unscaled before any norm is taken. On an overflow in any pass the weights are
                 restored, the step is skipped and the scale backs off, as in ``GradScaler.step``.
                 ``scaler.update()`` runs inside this call: do not call it again.
+            parallel: CR-SAM only. Evaluate the loss at ``w + eps`` and ``w - eps`` in one batched
+                pass of ``closure``, a :class:`FunctionalClosure`, instead of two closure calls.
+                The pass at ``w`` stays a closure call.
 
         Returns:
             The loss at ``w`` as returned by the closure.
@@ -221,7 +338,9 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
             )
         if scaler is not None and not scaler.is_enabled():
             scaler = None
-        closure = torch.enable_grad()(closure)
+        self._check_closure(closure, scaler, parallel)
+        functional_closure = closure if parallel else None
+        closure = _with_grad_enabled(closure)
         self.num_steps += 1
         unscaler = _Unscaler(scaler) if scaler is not None else None
 
@@ -232,11 +351,10 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
         if loss_at_w is None:
             raise TypeError(f"the closure passed to {type(self).__name__}.step returned None; return the loss")
         random_after = _RandomState()
-        norm_buffers = _NormBuffers(self.model)
         if unscaler is not None:
             unscaler.unscale([p for group in self.param_groups for p in group["params"]])
 
-        groups = [_GroupBuffers(group) for group in self.param_groups]
+        groups = [_GroupBuffers(group, self._param_buffers) for group in self.param_groups]
         groups = [g for g in groups if g.params]
         if not groups:
             # No parameter received a gradient: nothing to perturb and nothing to update.
@@ -246,43 +364,118 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
         if all(g.rho == 0.0 for g in groups):
             # Without a perturbation every pass would return the gradient at w: skip them.
             for g in groups:
-                g.direction = [p.grad for p in g.params]
+                g.direction = g.grads
             if self.perturbation == "local" and self._distributed_group() is not None:
                 self._all_reduce_mean([d for g in groups for d in g.direction])
             self._finish(groups, [loss_at_w], None, unscaler)
             return loss_at_w
 
-        # eps = rho * g0 / ||g0|| with the norm over every group; a zero gradient gives eps = 0.
-        grad_norm = _global_norm([g.grad_at_w for g in groups])
-        safe_norm = torch.where(grad_norm > 0, grad_norm, torch.ones_like(grad_norm))
+        # eps = rho * g0 / ||g0|| with the norm over every group. The division stays on the
+        # device, so no value reaches the host before the end. Clamping the norm to at least
+        # max(1, rho) times the smallest normal float keeps rho / ||g0|| finite, so a zero
+        # gradient gives eps = 0 * finite = 0, not NaN. Tensor.__rdiv__ computes the quotient
+        # as reciprocal(||g0||) * rho, and the reciprocal of a subnormal norm overflows.
+        grad_norm = _global_norm([grad for g in groups for grad in g.grads])
+        tiny = torch.finfo(grad_norm.dtype).tiny
         for g in groups:
-            scale = torch.where(grad_norm > 0, g.rho / safe_norm, torch.zeros_like(grad_norm))
-            g.eps = torch._foreach_mul(g.grad_at_w, scale)
-            g.weights = torch._foreach_mul(g.params, 1.0)
+            if g.rho > 0:
+                g.scale = g.rho / grad_norm.clamp(min=tiny * max(1.0, g.rho))
+                g.negative_scale = -g.scale
+
+        if functional_closure is not None:
+            losses = self._run_parallel(groups, functional_closure, random_before, random_after, loss_at_w)
+        else:
+            losses = self._run_sequential(groups, closure, random_before, random_after, loss_at_w, unscaler)
+
+        # Gradients of the perturbed passes are local to this process: average them once. With
+        # the global perturbation g0 is already the average and joins afterwards. With the local
+        # one g0 is this process's own, so it joins before, or the replicas would drift apart.
+        distributed = self._distributed_group() is not None
+        if distributed and self.perturbation == "local":
+            self._add_gradient_at_w(groups)
+            self._all_reduce_mean([d for g in groups for d in g.direction])
+        else:
+            if distributed:
+                self._all_reduce_mean([d for g in groups for d in g.direction])
+            self._add_gradient_at_w(groups)
+        self._finish(groups, losses, grad_norm, unscaler)
+        return loss_at_w
+
+    def _check_closure(self, closure: Any, scaler: torch.amp.GradScaler | None, parallel: bool) -> None:
+        """Reject a closure that cannot serve the requested kind of step."""
+        if not isinstance(parallel, bool):
+            raise TypeError(f"parallel must be True or False, got {parallel!r}")
+        if isinstance(closure, FunctionalClosure) and scaler is not None:
+            raise ValueError(
+                "a FunctionalClosure does not scale its loss, so a GradScaler cannot drive it; "
+                "pass a closure that calls scaler.scale(loss).backward(), or drop the scaler"
+            )
+        if not parallel:
+            return
+        if not self._supports_parallel:
+            raise ValueError(
+                f"{type(self).__name__} has one perturbed pass, so there is nothing to batch; "
+                "call step without parallel=True, or use CRSAM"
+            )
+        if not isinstance(closure, FunctionalClosure):
+            raise TypeError(
+                "parallel=True needs a crsam.optim.FunctionalClosure(model, loss_fn, inputs, targets), "
+                f"because a plain closure cannot be evaluated at stacked weights; got {type(closure).__name__}"
+            )
+        if self.model is not None and _unwrap(closure.model) is not _unwrap(self.model):
+            raise ValueError(
+                "the FunctionalClosure's model is not the model given to the optimizer; "
+                "build both from the same module"
+            )
+
+    def _run_sequential(
+        self,
+        groups: list[_GroupBuffers],
+        closure: Callable[[], Tensor | float],
+        random_before: _RandomState,
+        random_after: _RandomState,
+        loss_at_w: Tensor | float,
+        unscaler: _Unscaler | None,
+    ) -> list[Tensor | float]:
+        """Run the perturbed passes one closure call at a time; restore w, RNG and statistics."""
+        self._norm_buffers.save(self.model)
+        for g in groups:
+            torch._foreach_copy_(g.buffers("weights"), g.params)
 
         def run() -> Tensor | float:
             random_before.restore()
             with self._no_sync():
                 loss = closure()
-            norm_buffers.restore()
+            # Only the value is needed: detaching frees the pass's autograd graph now.
+            if isinstance(loss, Tensor):
+                loss = loss.detach()
+            self._norm_buffers.restore()
             if unscaler is not None:
                 unscaler.unscale([p for g in groups for p in g.params])
             return loss
 
         try:
-            losses = [loss_at_w, *self._perturbed_passes(groups, run)]
+            return [loss_at_w, *self._perturbed_passes(groups, run)]
         finally:
             for g in groups:
-                torch._foreach_copy_(g.params, g.weights)
+                torch._foreach_copy_(g.params, g.buffers("weights"))
             random_after.restore()
-            norm_buffers.restore()
+            self._norm_buffers.restore()
 
-        # Gradients of the perturbed passes are local to this process: average them once.
-        if self._distributed_group() is not None:
-            self._all_reduce_mean([d for g in groups for d in g.direction])
-        self._add_gradient_at_w(groups)
-        self._finish(groups, losses, grad_norm, unscaler)
-        return loss_at_w
+    def _run_parallel(
+        self,
+        groups: list[_GroupBuffers],
+        closure: FunctionalClosure,
+        random_before: _RandomState,
+        random_after: _RandomState,
+        loss_at_w: Tensor | float,
+    ) -> list[Tensor | float]:
+        """Run the perturbed passes as one batched evaluation from the random state before w."""
+        random_before.restore()
+        try:
+            return [loss_at_w, *self._parallel_passes(groups, closure)]
+        finally:
+            random_after.restore()
 
     def _distributed_group(self) -> Any:
         """Return the DDP model's process group, or None when not training with DDP."""
@@ -298,17 +491,7 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     def _all_reduce_mean(self, tensors: list[Tensor]) -> None:
         """Average tensors over the DDP process group with one all-reduce per dtype and device."""
-        process_group = self._distributed_group()
-        world_size = torch.distributed.get_world_size(process_group)
-        buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-        for tensor in tensors:
-            buckets.setdefault((tensor.dtype, tensor.device), []).append(tensor)
-        for bucket in buckets.values():
-            flat = torch.cat([t.reshape(-1) for t in bucket])
-            torch.distributed.all_reduce(flat, group=process_group)
-            flat.div_(world_size)
-            pieces = flat.split([t.numel() for t in bucket])
-            torch._foreach_copy_(bucket, [piece.view_as(t) for piece, t in zip(pieces, bucket)])
+        self._communication.all_reduce_mean(tensors, self._distributed_group())
 
     def _finish(
         self,
@@ -317,31 +500,48 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
         grad_norm: Tensor | None,
         unscaler: _Unscaler | None,
     ) -> None:
-        """Check the passes, hand the directions to ``.grad`` and take the base optimizer's step."""
+        """Check the passes, hand the directions to ``.grad``, clip, and take the base step."""
         if unscaler is None:
             self._check_finite(losses, grad_norm)
         for g in groups:
             for param, direction in zip(g.params, g.direction):
-                param.grad = direction
+                if param.grad is None:
+                    param.grad = direction.clone()
+                elif param.grad is not direction:
+                    param.grad.copy_(direction)
 
         # A parameter without a gradient at w takes no step, even if a perturbed pass reached it.
-        moved = {id(param) for g in groups for param in g.params}
-        for group in self.param_groups:
-            for param in group["params"]:
-                if id(param) not in moved:
-                    param.grad = None
+        if sum(len(g.params) for g in groups) < sum(len(group["params"]) for group in self.param_groups):
+            moved = {id(param) for g in groups for param in g.params}
+            for group in self.param_groups:
+                for param in group["params"]:
+                    if id(param) not in moved:
+                        param.grad = None
+
+        # Clip the final direction, averaged and unscaled, with one norm over all parameters.
+        params = [p for g in groups for p in g.params]
+        max_grad_norm = self.param_groups[0]["max_grad_norm"]
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
 
         if unscaler is None:
             self.base_optimizer.step()
         else:
-            unscaler.step(self.base_optimizer, [p for g in groups for p in g.params])
+            unscaler.step(self.base_optimizer, params)
 
     def _check_finite(self, losses: list[Tensor | float], grad_norm: Tensor | None) -> None:
         """Raise NonFiniteLossError naming the step and the pass; one host sync for all values."""
-        values = [torch.as_tensor(loss, dtype=torch.float64).detach().cpu().reshape(()) for loss in losses]
-        if grad_norm is not None:
-            values.append(grad_norm.detach().to(torch.float64).cpu())
-        finite = torch.isfinite(torch.stack(values)).tolist()
+        values: list[Tensor | float] = [*losses, *([grad_norm] if grad_norm is not None else [])]
+        tensors = [v.detach().reshape(()) for v in values if isinstance(v, Tensor)]
+        if tensors:
+            # The one host-device synchronization of the step (stack promotes mixed dtypes).
+            device = tensors[0].device
+            on_host = iter(torch.stack([t.to(device) for t in tensors]).tolist())
+            values = [next(on_host) if isinstance(v, Tensor) else v for v in values]
+        finite = [math.isfinite(v) for v in values]
+        if all(finite):
+            return
+
         pass_names = ["w", "w + eps", "w - eps"]
         for index, ok in enumerate(finite[: len(losses)]):
             if not ok:
@@ -350,83 +550,11 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
                     f"is {float(values[index])}; the weights were restored and no step was taken. "
                     "Lower the learning rate or rho, or check the data for NaN values"
                 )
-        if grad_norm is not None and not finite[-1]:
-            raise NonFiniteLossError(
-                f"{type(self).__name__} step {self.num_steps}: the gradient norm at w is "
-                f"{float(values[-1])}; the weights were restored and no step was taken. "
-                "Lower the learning rate, or clip the loss scale when training in low precision"
-            )
-
-
-class _Unscaler:
-    """Unscale each pass's gradients for a GradScaler and remember whether any overflowed.
-
-    ``GradScaler.unscale_`` may run once per step, and ``GradScaler.step`` rejects closures, so
-    the passes are unscaled here, and at the end the combined gradient is scaled back and handed
-    to the scaler's own ``unscale_``, ``step`` and ``update`` on the base optimizer. An overflow in
-    any pass is written into that gradient as an infinity, so the scaler skips the step and backs
-    off exactly as it would for one pass.
-    """
-
-    def __init__(self, scaler: torch.amp.GradScaler) -> None:
-        self.scaler = scaler
-        self.found_inf: dict[torch.device, Tensor] = {}
-
-    def unscale(self, params: list[Tensor]) -> None:
-        by_device: dict[torch.device, list[Tensor]] = {}
-        for param in params:
-            if param.grad is not None:
-                by_device.setdefault(param.grad.device, []).append(param.grad)
-        for device, grads in by_device.items():
-            found_inf = self.found_inf.setdefault(device, torch.zeros((), device=device))
-            inv_scale = torch.full((), 1.0 / self.scaler.get_scale(), device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
-
-    def step(self, base_optimizer: torch.optim.Optimizer, params: list[Tensor]) -> None:
-        scale = self.scaler.get_scale()
-        found_any = sum(found.to(params[0].device) for found in self.found_inf.values())
-        grads = [param.grad for param in params]
-        # Powers of two (GradScaler's default scales) make this product exact. An overflow turns
-        # the first gradient into inf or NaN, which the scaler's own check then finds.
-        torch._foreach_mul_(grads, scale)
-        grads[0].mul_(torch.where(found_any > 0, torch.inf, 1.0))
-        self.scaler.unscale_(base_optimizer)
-        self.scaler.step(base_optimizer)
-        self.scaler.update()
-
-
-class _GroupBuffers:
-    """Per-group working tensors of one step: gradient at w, saved weights, eps, direction."""
-
-    def __init__(self, group: dict[str, Any]) -> None:
-        self.group = group
-        self.rho = float(group["rho"])
-        self.params: list[Tensor] = []
-        for param in group["params"]:
-            if param.grad is None:
-                continue
-            if param.grad.is_sparse:
-                raise ValueError(
-                    "sharpness-aware optimizers need dense gradients; "
-                    "build embeddings with sparse=False"
-                )
-            self.params.append(param)
-        # The pass at w leaves g0 in .grad; the next closure call zeroes or replaces it.
-        self.grad_at_w: list[Tensor] = torch._foreach_mul([p.grad for p in self.params], 1.0) if self.params else []
-        self.weights: list[Tensor] = []
-        self.eps: list[Tensor] = []
-        self.direction: list[Tensor] = []
-
-    def current_grads(self) -> list[Tensor]:
-        """Return the gradients the last pass left, zeros where it produced none."""
-        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-
-
-def _global_norm(tensor_lists: list[list[Tensor]]) -> Tensor:
-    """Return the L2 norm over all tensors of all lists, as a 0-dim tensor on the first device."""
-    norms = [n for tensors in tensor_lists for n in torch._foreach_norm(tensors)]
-    device = norms[0].device
-    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+        raise NonFiniteLossError(
+            f"{type(self).__name__} step {self.num_steps}: the gradient norm at w is "
+            f"{float(values[-1])}; the weights were restored and no step was taken. "
+            "Lower the learning rate, or clip the loss scale when training in low precision"
+        )
 
 
 class SAM(_SharpnessAwareOptimizer):
@@ -449,6 +577,10 @@ class SAM(_SharpnessAwareOptimizer):
             all processes, at two gradient all-reduces per step, so the update does not depend
             on the number of processes. ``"local"`` uses each process's own gradient, as in
             SAM's m-sharpness, at one all-reduce per step. Without DDP the two are the same.
+        max_grad_norm: if given (> 0), the final update direction, after the all-reduce and the
+            GradScaler's unscaling, is clipped as by ``torch.nn.utils.clip_grad_norm_`` with this
+            bound on its L2 norm over all parameters, right before the base optimizer's step.
+            Every parameter group shares the one value. Default None: no clipping.
         **base_kwargs: arguments of ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     Example:
@@ -476,19 +608,28 @@ class SAM(_SharpnessAwareOptimizer):
         rho: float = 0.05,
         model: nn.Module | None = None,
         perturbation: str = "global",
+        max_grad_norm: float | None = None,
         **base_kwargs: Any,
     ) -> None:
         super().__init__(
-            params, base_optimizer, model=model, perturbation=perturbation, own_defaults={"rho": rho}, **base_kwargs
+            params,
+            base_optimizer,
+            model=model,
+            perturbation=perturbation,
+            own_defaults={"rho": rho},
+            max_grad_norm=max_grad_norm,
+            **base_kwargs,
         )
 
     def _perturbed_passes(self, groups: list[_GroupBuffers], run: Callable[[], Tensor | float]) -> list[Tensor | float]:
-        self._move(groups, 1.0)
+        # The weights are still at w, so adding eps gives w + eps. Dropping the references to g0
+        # lets the next pass reuse its memory once the closure clears .grad.
+        for g in groups:
+            self._perturb(g.params, g, 1.0, g.grads)
+            g.grads = g.grad_at_w = []
         loss_plus = run()
         for g in groups:
             g.direction = g.current_grads()
-            g.grad_at_w = []
-            g.eps = []
         return [loss_plus]
 
 
@@ -537,9 +678,24 @@ class CRSAM(_SharpnessAwareOptimizer):
             all processes, at two gradient all-reduces per step, so the update does not depend
             on the number of processes. ``"local"`` uses each process's own gradient, as in
             SAM's m-sharpness, at one all-reduce per step. Without DDP the two are the same.
+        max_grad_norm: if given (> 0), the final update direction ``d``, after the all-reduce and
+            the GradScaler's unscaling, is clipped as by ``torch.nn.utils.clip_grad_norm_`` with
+            this bound on its L2 norm over all parameters, right before the base optimizer's
+            step. Every parameter group shares the one value. Default None: no clipping.
         **base_kwargs: arguments of ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     With ``alpha = beta = 0`` the step equals :class:`SAM`'s (it still runs the third pass).
+
+    ``step(FunctionalClosure(model, loss_fn, inputs, targets), parallel=True)`` computes
+    :math:`g_+` and :math:`g_-` in one batched evaluation: ``torch.func.functional_call`` under
+    ``torch.func.vmap`` over the two weight vectors stacked along a new dimension, followed by
+    one backward pass. It gives the sequential update up to float round-off (the batched kernels
+    sum in another order). Random operations use ``randomness="same"``, starting from the random
+    state before the pass at ``w``, so dropout draws for both weight vectors the masks that the
+    sequential passes draw. Normalization layers in training mode update scratch copies of their
+    running statistics, which are then discarded, so the model's statistics end the step as the
+    pass at ``w`` left them, with or without ``model=``. The model's forward pass must be
+    vmappable: other modules that write into buffers make ``vmap`` raise.
 
     References:
         Wu, T., Luo, T., Wunsch II, D. C. (2024). CR-SAM: Curvature Regularized Sharpness-Aware
@@ -547,6 +703,7 @@ class CRSAM(_SharpnessAwareOptimizer):
     """
 
     _own_hyperparameters = ("rho", "alpha", "beta")
+    _supports_parallel = True
 
     def __init__(
         self,
@@ -558,6 +715,7 @@ class CRSAM(_SharpnessAwareOptimizer):
         beta: float = 0.01,
         model: nn.Module | None = None,
         perturbation: str = "global",
+        max_grad_norm: float | None = None,
         **base_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -566,28 +724,126 @@ class CRSAM(_SharpnessAwareOptimizer):
             model=model,
             perturbation=perturbation,
             own_defaults={"rho": rho, "alpha": alpha, "beta": beta},
+            max_grad_norm=max_grad_norm,
             **base_kwargs,
         )
+        # Scratch copies (2, *shape) of the running statistics for batched passes, by id(buffer).
+        self._scratch_buffers: dict[int, tuple[Tensor, Tensor]] = {}
+
+    @staticmethod
+    def _store_plus(g: _GroupBuffers, grads_plus: list[Tensor]) -> None:
+        """Write (1 + alpha + beta) g+ into the direction buffer."""
+        alpha, beta = float(g.group["alpha"]), float(g.group["beta"])
+        direction = g.buffers("direction")
+        # One multiplication per tensor with out= reads g+ once and writes the buffer once. The
+        # 0-dim coefficient rounds as a Python number would, in the tensors' dtype.
+        coefficient_dtype = torch.float32 if direction[0].device.type == "mps" else torch.float64
+        coefficient = torch.full((), 1.0 + alpha + beta, dtype=coefficient_dtype, device=direction[0].device)
+        for buffer, grad in zip(direction, grads_plus):
+            torch.mul(grad, coefficient, out=buffer)
+
+    @staticmethod
+    def _add_minus(g: _GroupBuffers, grads_minus: list[Tensor]) -> None:
+        """Add (alpha - beta) g- to the direction; :meth:`_add_gradient_at_w` adds -2 alpha g0."""
+        alpha, beta = float(g.group["alpha"]), float(g.group["beta"])
+        g.direction = g.buffers("direction")
+        torch._foreach_add_(g.direction, grads_minus, alpha=alpha - beta)
 
     def _perturbed_passes(self, groups: list[_GroupBuffers], run: Callable[[], Tensor | float]) -> list[Tensor | float]:
-        self._move(groups, 1.0)
+        # The closure calls replace .grad, so g0 is kept in its own buffer for the later terms.
+        for g in groups:
+            g.grad_at_w = g.buffers("grad_at_w")
+            torch._foreach_copy_(g.grad_at_w, g.grads)
+            self._perturb(g.params, g, 1.0, g.grads)
+            g.grads = []
         loss_plus = run()
 
-        # Once the weights sit at w - eps, the buffer of eps keeps (1 + alpha + beta) g+.
         self._move(groups, -1.0)
         for g in groups:
-            alpha, beta = float(g.group["alpha"]), float(g.group["beta"])
-            torch._foreach_copy_(g.eps, g.current_grads())
-            torch._foreach_mul_(g.eps, 1.0 + alpha + beta)
+            self._store_plus(g, g.current_grads())
         loss_minus = run()
         for g in groups:
-            alpha, beta = float(g.group["alpha"]), float(g.group["beta"])
-            torch._foreach_add_(g.eps, g.current_grads(), alpha=alpha - beta)
-            g.direction, g.eps = g.eps, []
+            self._add_minus(g, g.current_grads())
         return [loss_plus, loss_minus]
 
+    def _parallel_passes(self, groups: list[_GroupBuffers], closure: FunctionalClosure) -> list[Tensor]:
+        module = _unwrap(closure.model)
+        names = {id(param): name for name, param in module.named_parameters()}
+
+        # Stack w + eps and w - eps of every parameter with a gradient at w into leaf tensors
+        # (2, *shape). The model's own weights stay at w, and g0 stays in .grad untouched.
+        batched: dict[str, Tensor] = {}
+        leaves: list[Tensor] = []
+        for g in groups:
+            stacked, plus, minus = g.stacked()
+            self._write_perturbed(plus, g, 1.0, g.params)
+            self._write_perturbed(minus, g, -1.0, g.params)
+            for param, leaf in zip(g.params, stacked):
+                name = names.get(id(param))
+                if name is None:
+                    raise ValueError(
+                        f"a parameter of shape {tuple(param.shape)} in the optimizer is not a parameter "
+                        "of the FunctionalClosure's model; build the optimizer from model.parameters()"
+                    )
+                batched[name] = leaf
+            leaves += stacked
+        fixed = {name: param.detach() for name, param in module.named_parameters() if name not in batched}
+        self._split_buffers(module, batched, fixed)
+
+        # One batched forward pass over the two weight vectors, then one backward pass.
+        with torch.enable_grad():
+            losses = torch.func.vmap(closure.loss_at, in_dims=(0, None), randomness="same")(batched, fixed)
+            if losses.shape != (2,):
+                raise ValueError(
+                    f"loss_fn returned a tensor of shape {tuple(losses.shape[1:])}; return a scalar, "
+                    "for example with reduction='mean'"
+                )
+            grads = torch.autograd.grad(losses.sum(), leaves)
+
+        offset = 0
+        for g in groups:
+            group_grads = grads[offset : offset + len(g.params)]
+            offset += len(g.params)
+            self._store_plus(g, [grad[0] for grad in group_grads])
+            self._add_minus(g, [grad[1] for grad in group_grads])
+        losses = losses.detach()
+        return [losses[0], losses[1]]
+
+    def _split_buffers(self, module: nn.Module, batched: dict[str, Tensor], fixed: dict[str, Tensor]) -> None:
+        """Add the module's buffers to the batched or the fixed inputs of the batched pass.
+
+        Normalization layers in training mode write their running statistics in place, which
+        ``vmap`` rejects for a tensor shared by both weight vectors, so they get scratch copies
+        (2, *shape). In training mode the layers normalize with batch statistics, so the values
+        of the copies do not change the loss. The copies are discarded after the pass.
+        """
+        scratch_ids = set()
+        for layer in module.modules():
+            if isinstance(layer, _NormBase) and layer.track_running_stats and layer.training:
+                for buffer in (layer.running_mean, layer.running_var, layer.num_batches_tracked):
+                    if buffer is not None:
+                        scratch_ids.add(id(buffer))
+        scratch = {}
+        for name, buffer in module.named_buffers():
+            if id(buffer) not in scratch_ids:
+                fixed[name] = buffer
+                continue
+            entry = self._scratch_buffers.get(id(buffer))
+            if entry is None or entry[0] is not buffer or entry[1].shape[1:] != buffer.shape:
+                entry = (buffer, buffer.detach().unsqueeze(0).repeat(2, *([1] * buffer.dim())))
+            scratch[id(buffer)] = entry
+            batched[name] = entry[1]
+        self._scratch_buffers = scratch
+
     def _add_gradient_at_w(self, groups: list[_GroupBuffers]) -> None:
+        # The sum goes straight into .grad, which saves copying the direction there afterwards.
+        # In the batched path .grad is g0 itself, which add reads and writes element by element.
         for g in groups:
             alpha = float(g.group["alpha"])
-            torch._foreach_add_(g.direction, g.grad_at_w, alpha=-2.0 * alpha)
-            g.grad_at_w = []
+            grads = []
+            for param, direction, grad_at_w in zip(g.params, g.direction, g.grad_at_w):
+                if param.grad is None:
+                    param.grad = torch.empty_like(direction)
+                torch.add(direction, grad_at_w, alpha=-2.0 * alpha, out=param.grad)
+                grads.append(param.grad)
+            g.direction = grads

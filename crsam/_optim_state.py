@@ -1,0 +1,258 @@
+"""Working state of a sharpness-aware step: buffers, random state, normalization buffers, scaler.
+
+Everything here serves ``crsam.optim``. The tensors that a step writes into are allocated on the
+first step that needs them and reused by every later step. So a step allocates no tensor of
+parameter size itself, and only autograd allocates the gradients of each pass, as in any training
+step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+
+
+class _RandomState:
+    """Snapshot of torch's global generators: the CPU one and every initialized CUDA device.
+
+    NOTE: Python's ``random`` and numpy's generators are not captured, so a closure that draws
+    from them (data augmentation, say) sees different draws in each pass. Draw those outside.
+    """
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+def _tracked_norm_buffers(model: nn.Module) -> list[Tensor]:
+    """Return the running statistics and batch counters of a model's normalization layers."""
+    buffers = []
+    for module in model.modules():
+        if not (isinstance(module, _NormBase) and module.track_running_stats):
+            continue
+        for buffer in (module.running_mean, module.running_var, module.num_batches_tracked):
+            if buffer is not None:
+                buffers.append(buffer)
+    return buffers
+
+
+class _NormBuffers:
+    """Saved copies of a model's normalization statistics, reused from step to step.
+
+    The copies are keyed by the identity of the model's buffer, so a buffer that a module
+    replaces (``module.running_mean = tensor``) gets a fresh copy, and copies of buffers that
+    left the model are dropped at the next :meth:`save`.
+    """
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[Tensor, Tensor]] = []
+
+    def save(self, model: nn.Module | None) -> None:
+        if model is None:
+            return
+        saved = {id(buffer): copy for buffer, copy in self.pairs}
+        pairs = []
+        for buffer in _tracked_norm_buffers(model):
+            copy = saved.get(id(buffer))
+            if copy is None or copy.shape != buffer.shape or copy.dtype != buffer.dtype or copy.device != buffer.device:
+                copy = torch.empty_like(buffer)
+            pairs.append((buffer, copy))
+        self.pairs = pairs
+        if not pairs:
+            return
+        with torch.no_grad():
+            torch._foreach_copy_([copy for _, copy in pairs], [buffer for buffer, _ in pairs])
+
+    def restore(self) -> None:
+        if self.pairs:
+            with torch.no_grad():
+                torch._foreach_copy_([buffer for buffer, _ in self.pairs], [copy for _, copy in self.pairs])
+
+
+class _ParamBuffers:
+    """Working tensors of one parameter, allocated on first use and reused by every step.
+
+    ``weights`` is the saved w, ``grad_at_w`` the gradient g0 and ``direction`` the update
+    direction. ``stacked`` contains the two weight vectors ``w + eps`` and ``w - eps`` of
+    CR-SAM's batched passes along a new leading dimension.
+    """
+
+    __slots__ = ("weights", "grad_at_w", "direction", "stacked", "stacked_plus", "stacked_minus")
+
+    def __init__(self) -> None:
+        self.weights: Tensor | None = None
+        self.grad_at_w: Tensor | None = None
+        self.direction: Tensor | None = None
+        self.stacked: Tensor | None = None
+        self.stacked_plus: Tensor | None = None
+        self.stacked_minus: Tensor | None = None
+
+
+def _fits(buffer: Tensor | None, param: Tensor) -> bool:
+    """Return whether ``buffer`` can hold a copy of ``param`` (a parameter may move or change)."""
+    return (
+        buffer is not None
+        and buffer.shape == param.shape
+        and buffer.dtype == param.dtype
+        and buffer.device == param.device
+    )
+
+
+class _GroupBuffers:
+    """Per-group view of one step: the parameters with a gradient at w and their buffers.
+
+    The lists hold the persistent tensors of :class:`_ParamBuffers`, so building them allocates
+    no tensor memory.
+    """
+
+    def __init__(self, group: dict[str, Any], storage: dict[int, _ParamBuffers]) -> None:
+        self.group = group
+        self.rho = float(group["rho"])
+        self.params: list[Tensor] = []
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse:
+                raise ValueError(
+                    "sharpness-aware optimizers need dense gradients; "
+                    "build embeddings with sparse=False"
+                )
+            self.params.append(param)
+        self.records = [storage.get(id(param)) or storage.setdefault(id(param), _ParamBuffers()) for param in self.params]
+        # The pass at w leaves g0 in .grad; the next closure call zeroes or replaces it.
+        self.grads: list[Tensor] = [param.grad for param in self.params]
+        # Where the passes leave g0 for the direction: .grad itself, or a saved copy of it.
+        self.grad_at_w: list[Tensor] = self.grads
+        # rho / ||g0|| and its negative, 0-dim tensors on the device; unset while rho is 0.
+        self.scale: Tensor | None = None
+        self.negative_scale: Tensor | None = None
+        self.direction: list[Tensor] = []
+        self._lists: dict[str, list[Tensor]] = {}
+
+    def buffers(self, name: str) -> list[Tensor]:
+        """Return the persistent buffers ``name`` of every parameter, allocating missing ones."""
+        tensors = self._lists.get(name)
+        if tensors is not None:
+            return tensors
+        tensors = []
+        for param, record in zip(self.params, self.records):
+            tensor = getattr(record, name)
+            if not _fits(tensor, param):
+                tensor = torch.empty_like(param)
+                setattr(record, name, tensor)
+            tensors.append(tensor)
+        self._lists[name] = tensors
+        return tensors
+
+    def stacked(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Return the stacked leaves ``(2, *shape)`` and their two halves for batched passes."""
+        leaves, plus, minus = [], [], []
+        for param, record in zip(self.params, self.records):
+            if record.stacked is None or not _fits(record.stacked_plus, param):
+                record.stacked = torch.empty((2, *param.shape), dtype=param.dtype, device=param.device)
+                record.stacked.requires_grad_(True)
+                record.stacked_plus, record.stacked_minus = record.stacked.detach().unbind(0)
+            leaves.append(record.stacked)
+            plus.append(record.stacked_plus)
+            minus.append(record.stacked_minus)
+        return leaves, plus, minus
+
+    def current_grads(self) -> list[Tensor]:
+        """Return the gradients the last pass left, zeros where it produced none."""
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+
+
+def _global_norm(tensors: list[Tensor]) -> Tensor:
+    """Return the L2 norm over all tensors, as a 0-dim tensor on the first tensor's device."""
+    norms = torch._foreach_norm(tensors)
+    device = norms[0].device
+    if any(norm.device != device for norm in norms):
+        norms = [norm.to(device) for norm in norms]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+class _Unscaler:
+    """Unscale each pass's gradients for a GradScaler and remember whether any overflowed.
+
+    ``GradScaler.unscale_`` may run once per step, and ``GradScaler.step`` rejects closures, so
+    the passes are unscaled here, and at the end the combined gradient is scaled back and handed
+    to the scaler's own ``unscale_``, ``step`` and ``update`` on the base optimizer. An overflow in
+    any pass is written into that gradient as an infinity, so the scaler skips the step and backs
+    off exactly as it would for one pass.
+
+    The scale is read as a tensor (``GradScaler._get_scale_async``, torch 2.x), not with
+    ``get_scale()``, whose ``.item()`` would synchronize with the device in every pass. The one
+    synchronization of a scaled step is the overflow check inside ``GradScaler.step``.
+    """
+
+    def __init__(self, scaler: torch.amp.GradScaler) -> None:
+        self.scaler = scaler
+        self.found_inf: dict[torch.device, Tensor] = {}
+        self.inverse_scale: dict[torch.device, Tensor] = {}
+
+    def _scale(self, device: torch.device) -> Tensor:
+        scale = self.scaler._get_scale_async()
+        if scale is None:
+            # The closure never called scaler.scale(): the scale is still the initial value.
+            scale = torch.full((), self.scaler.get_scale(), dtype=torch.float32)
+        return scale.to(device)
+
+    def unscale(self, params: list[Tensor]) -> None:
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for param in params:
+            if param.grad is not None:
+                by_device.setdefault(param.grad.device, []).append(param.grad)
+        for device, grads in by_device.items():
+            found_inf = self.found_inf.setdefault(device, torch.zeros((), device=device))
+            inverse_scale = self.inverse_scale.get(device)
+            if inverse_scale is None:
+                # The same reciprocal that GradScaler.unscale_ computes.
+                inverse_scale = self._scale(device).double().reciprocal().float()
+                self.inverse_scale[device] = inverse_scale
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inverse_scale)
+
+    def step(self, base_optimizer: torch.optim.Optimizer, params: list[Tensor]) -> None:
+        device = params[0].device
+        found_any = sum(found.to(device) for found in self.found_inf.values())
+        grads = [param.grad for param in params]
+        # Powers of two (GradScaler's default scales) make this product exact. An overflow turns
+        # the first gradient into inf or NaN, which the scaler's own check then finds.
+        torch._foreach_mul_(grads, self._scale(device))
+        grads[0].mul_(torch.where(found_any > 0, torch.inf, 1.0))
+        self.scaler.unscale_(base_optimizer)
+        self.scaler.step(base_optimizer)
+        self.scaler.update()
+
+
+class _CommunicationBuffer:
+    """Flat buffers for the all-reduce, one per dtype and device, grown when too small."""
+
+    def __init__(self) -> None:
+        self.flat: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+    def all_reduce_mean(self, tensors: list[Tensor], process_group: Any) -> None:
+        """Average tensors over the process group with one all-reduce per dtype and device."""
+        world_size = torch.distributed.get_world_size(process_group)
+        buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        for tensor in tensors:
+            buckets.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+        for key, bucket in buckets.items():
+            sizes = [t.numel() for t in bucket]
+            total = sum(sizes)
+            flat = self.flat.get(key)
+            if flat is None or flat.numel() < total:
+                flat = torch.empty(total, dtype=key[0], device=key[1])
+                self.flat[key] = flat
+            pieces = [piece.view_as(t) for piece, t in zip(flat[:total].split(sizes), bucket)]
+            torch._foreach_copy_(pieces, bucket)
+            torch.distributed.all_reduce(flat[:total], group=process_group)
+            flat[:total].div_(world_size)
+            torch._foreach_copy_(bucket, pieces)

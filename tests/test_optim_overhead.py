@@ -1,0 +1,230 @@
+"""The optimizer's own work per step: allocations, host-device synchronizations, reused buffers.
+
+A torch dispatch mode intercepts every aten operation that the step runs outside the closure,
+with its outputs, so it can tell an operation that allocates a new tensor from one that writes in
+place.
+Host-device synchronizations are counted where Python code reads a tensor's value or copies it
+to the CPU (``item``, ``tolist``, ``bool``, ``float``, ``int``, ``numpy``, ``cpu``), and where an
+aten operation reads a scalar (``_local_scalar_dense``, which ``.item()`` calls from C++ as well).
+On the CPU these calls cost no synchronization, but each one would on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from crsam.optim import CRSAM, SAM
+
+SGD_ARGS = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3}
+
+
+class StepRecorder(TorchDispatchMode):
+    """Record the allocations and scalar reads of the aten operations run while not paused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = False
+        self.allocations: list[tuple[str, tuple[int, ...]]] = []
+        self.scalar_reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.paused:
+            return out
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.scalar_reads.append(str(func))
+        inputs = tree_flatten((args, kwargs))[0]
+        input_storages = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in input_storages:
+                self.allocations.append((str(func), tuple(tensor.shape)))
+        return out
+
+
+def make_model() -> nn.Module:
+    # Every parameter has more elements (at least 8) than the model has parameter tensors (6),
+    # so the small per-tensor vectors of norms cannot pass for parameter-sized allocations.
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 12))
+
+
+def make_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(16, 4, generator=generator), torch.randint(0, 12, (16,), generator=generator)
+
+
+def pause_base_step(optimizer, recorder: StepRecorder) -> None:
+    """Hide the base optimizer's step from the recorder: it is part of the floor, not overhead.
+
+    ``torch.optim.SGD`` with weight decay allocates ``grad + weight_decay * param`` itself.
+    """
+    base_step = optimizer.base_optimizer.step
+
+    def step(*args, **kwargs):
+        recorder.paused = True
+        try:
+            return base_step(*args, **kwargs)
+        finally:
+            recorder.paused = False
+
+    optimizer.base_optimizer.step = step
+
+
+def paused_closure(model, optimizer, recorder: StepRecorder, x, y):
+    """Return a closure whose own operations (the passes) the recorder does not see."""
+
+    def closure():
+        recorder.paused = True
+        try:
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        finally:
+            recorder.paused = False
+
+    return closure
+
+
+@pytest.mark.parametrize("optimizer_class", [SAM, CRSAM])
+@pytest.mark.parametrize("max_grad_norm", [None, 0.01])
+def test_step_allocates_only_scalars(optimizer_class, max_grad_norm):
+    model = make_model()
+    x, y = make_batch()
+    optimizer = optimizer_class(model.parameters(), torch.optim.SGD, model=model, max_grad_norm=max_grad_norm, **SGD_ARGS)
+    recorder = StepRecorder()
+    closure = paused_closure(model, optimizer, recorder, x, y)
+    pause_base_step(optimizer, recorder)
+    # The first step allocates the buffers and SGD's momentum; the later ones must reuse them.
+    optimizer.step(closure)
+
+    with recorder:
+        optimizer.step(closure)
+        optimizer.step(closure)
+
+    num_params = len(list(model.parameters()))
+    assert recorder.allocations, "the recorder saw no operation at all"
+    for name, shape in recorder.allocations:
+        # 0-dim norms and scales, and stacks of one value per parameter tensor or per pass.
+        assert math.prod(shape) <= num_params, (name, shape)
+
+
+@pytest.mark.parametrize("optimizer_class", [SAM, CRSAM])
+def test_step_reads_no_scalar_through_aten(optimizer_class):
+    model = make_model()
+    x, y = make_batch()
+    optimizer = optimizer_class(model.parameters(), torch.optim.SGD, model=model, max_grad_norm=1.0, **SGD_ARGS)
+    recorder = StepRecorder()
+    closure = paused_closure(model, optimizer, recorder, x, y)
+
+    with recorder:
+        optimizer.step(closure)
+
+    assert recorder.scalar_reads == []
+
+
+SYNCING_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu")
+
+
+@pytest.mark.parametrize("optimizer_class", [SAM, CRSAM])
+@pytest.mark.parametrize("rho", [0.0, 0.1])
+def test_one_host_read_per_step(optimizer_class, rho, monkeypatch):
+    model = make_model()
+    x, y = make_batch()
+    optimizer = optimizer_class(model.parameters(), torch.optim.SGD, rho=rho, model=model, max_grad_norm=1.0, **SGD_ARGS)
+    reads: list[str] = []
+    inside_closure = [False]
+
+    for name in SYNCING_METHODS:
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _name=name, _original=original, **kwargs):
+            if not inside_closure[0]:
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+
+    def closure():
+        inside_closure[0] = True
+        try:
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        finally:
+            inside_closure[0] = False
+
+    optimizer.step(closure)
+    reads.clear()
+    optimizer.step(closure)
+
+    # The finiteness check of the losses and the gradient norm reads them all at once.
+    assert reads == ["tolist"]
+
+
+@pytest.mark.parametrize("optimizer_class", [SAM, CRSAM])
+def test_buffers_keep_storage_across_steps(optimizer_class):
+    model = make_model()
+    x, y = make_batch()
+    optimizer = optimizer_class(model.parameters(), torch.optim.SGD, model=model, **SGD_ARGS)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    def pointers():
+        slots = ("weights", "grad_at_w", "direction")
+        found = {
+            (key, slot): getattr(record, slot).data_ptr()
+            for key, record in optimizer._param_buffers.items()
+            for slot in slots
+            if getattr(record, slot) is not None
+        }
+        found.update({("norm", index): copy.data_ptr() for index, (_, copy) in enumerate(optimizer._norm_buffers.pairs)})
+        return found
+
+    optimizer.step(closure)
+    first = pointers()
+    for _ in range(3):
+        optimizer.step(closure)
+        assert pointers() == first
+
+    # SAM keeps only the weights, and CR-SAM also g0 and the direction. Both keep copies of the 3
+    # BatchNorm buffers.
+    expected_slots = 1 if optimizer_class is SAM else 3
+    assert len(first) == expected_slots * len(list(model.parameters())) + 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("optimizer_class", [SAM, CRSAM])
+def test_cuda_step_synchronizes_once(optimizer_class):
+    model = make_model().cuda()
+    x, y = (t.cuda() for t in make_batch())
+    optimizer = optimizer_class(model.parameters(), torch.optim.SGD, model=model, max_grad_norm=1.0, **SGD_ARGS)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning, match="synchroniz") as caught:
+            optimizer.step(closure)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+    assert len([w for w in caught if "synchroniz" in str(w.message)]) == 1
