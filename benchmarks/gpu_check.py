@@ -127,10 +127,11 @@ def run_variant(
         synchronize(device)
         started = time.perf_counter()
         if name == "crsam parallel":
-            # NOTE: the functional-loss constructor is assumed to take (model, loss, inputs,
-            # targets); check it against crsam.optim when the parallel path lands.
+            # The functional closure runs the model itself, so autocast wraps the whole step to
+            # give its forward passes the same bf16 precision as the sequential variant.
             functional = parallel_api(model, torch.nn.functional.cross_entropy, x, y)
-            loss = optimizer.step(closure, parallel=functional)
+            with torch.autocast(device.type, dtype=recipe.amp_dtype, enabled=recipe.amp_dtype is not None):
+                loss = optimizer.step(functional, parallel=True)
         else:
             loss = take_step(optimizer, closure, recipe)
         synchronize(device)

@@ -146,9 +146,14 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     optim.add_argument("--seed", type=_int, help=f"seed of the initial weights and the data order [{DEFAULTS['seed']}]")
     optim.add_argument("--perturbation", metavar="KIND",
                        help="how sam and crsam perturb under torchrun: global along the averaged gradient "
-                       "(two gradient all-reduces per step), local along each process's own gradient (one, "
-                       "sam only). The two are the same in one process [global]")
-    optim.add_argument("--parallel", action="store_true", default=None, help="not available yet")
+                       "(two gradient all-reduces per step), local along each process's own gradient (one). "
+                       "The two are the same in one process [global]")
+    optim.add_argument("--parallel", action="store_true", default=None,
+                       help="crsam only: compute the gradients at w + eps and w - eps in one batched pass "
+                       "(torch.func.vmap); the same update as the sequential passes up to float rounding [off]")
+    optim.add_argument("--clip-grad-norm", type=_float, metavar="MAX",
+                       help="clip the final update direction (for sam and crsam, the combined gradient) to this "
+                       "L2 norm over all parameters, > 0 [off]")
     optim.add_argument("--amp", metavar="DTYPE",
                        help="mixed precision: forward passes under autocast in bf16 or fp16 (fp16 with a "
                        "loss scaler); weights, gradients and evaluation stay float32 [off]")

@@ -57,6 +57,10 @@ class StepRecipe:
     accumulation_steps: int = 1
     # Weight of the uniform distribution in the training targets.
     label_smoothing: float = 0.0
+    # CR-SAM's two perturbed passes in one batched evaluation (torch.func.vmap).
+    parallel: bool = False
+    # Clipping norm of plain SGD's gradient; SAM and CR-SAM clip inside their own step.
+    max_grad_norm: float | None = None
 
 
 def build_scaler(amp: str | None, device: torch.device) -> torch.amp.GradScaler | None:
@@ -75,6 +79,8 @@ def build_step_recipe(config: dict, device: torch.device, scaler: torch.amp.Grad
         scaler=scaler,
         accumulation_steps=config.get("accumulation_steps") or 1,
         label_smoothing=config.get("label_smoothing") or 0.0,
+        parallel=bool(config.get("parallel")),
+        max_grad_norm=config.get("clip_grad_norm"),
     )
 
 
@@ -104,9 +110,12 @@ def make_closure(
     averaged over the processes equal the global batch's mean gradient (see
     :class:`crsam.distributed.ShardedBatchSampler`). An empty share (x, y) gives a zero loss
     whose graph still reaches every parameter, so that every process takes part in the
-    gradient all-reduce.
+    gradient all-reduce. With ``recipe.parallel`` the result is a
+    :class:`crsam.optim.FunctionalClosure`, which CR-SAM can also evaluate batched.
     """
     batch_size = y.shape[0]
+    if recipe.parallel:
+        return _functional_closure(model, x, y, recipe, loss_weight)
     if batch_size == 0:
         def empty_closure() -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
@@ -140,21 +149,49 @@ def make_closure(
     return closure
 
 
+def _functional_closure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: StepRecipe, loss_weight: float):
+    """Return the :class:`crsam.optim.FunctionalClosure` of ``--parallel`` for the batch (x, y)."""
+    from crsam.optim import FunctionalClosure
+
+    label_smoothing = recipe.label_smoothing
+
+    def loss_fn(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if targets.shape[0] == 0:
+            # An empty share: a zero loss whose graph still reaches every parameter.
+            return F.cross_entropy(output, targets, reduction="sum")
+        return F.cross_entropy(output, targets, label_smoothing=label_smoothing) * loss_weight
+
+    return FunctionalClosure(model, loss_fn, x, y)
+
+
 def take_step(optimizer: torch.optim.Optimizer, closure: Callable[[], torch.Tensor], recipe: StepRecipe) -> torch.Tensor:
     """Take one optimizer step with ``closure`` and return the loss at the current weights."""
-    if recipe.scaler is None:
-        return optimizer.step(closure)
-
     # Imported here so that a run with plain SGD does not need the sharpness-aware module.
     from crsam.optim import CRSAM, SAM
 
     if isinstance(optimizer, (SAM, CRSAM)):
-        # The sharpness-aware optimizers unscale, skip on overflow and update the scale themselves.
+        # The sharpness-aware optimizers clip, unscale, skip on overflow and update the scale
+        # themselves.
+        if recipe.parallel:
+            return optimizer.step(closure, parallel=True)
         return optimizer.step(closure, scaler=recipe.scaler)
 
-    # GradScaler.step rejects closures, so the closure runs first. The step is skipped when the
-    # unscaled gradients contain an infinity or NaN, and update() then lowers the scale.
+    if recipe.scaler is None and recipe.max_grad_norm is None:
+        return optimizer.step(closure)
+
+    # GradScaler.step rejects closures, and clipping needs the gradient before the step, so the
+    # closure runs first.
     loss = closure()
+    if recipe.scaler is not None:
+        recipe.scaler.unscale_(optimizer)
+    if recipe.max_grad_norm is not None:
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(parameters, recipe.max_grad_norm)
+    if recipe.scaler is None:
+        optimizer.step()
+        return loss
+    # The step is skipped when the unscaled gradients contain an infinity or NaN, and update()
+    # then lowers the scale.
     recipe.scaler.step(optimizer)
     recipe.scaler.update()
     return loss

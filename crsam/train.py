@@ -106,6 +106,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "perturbation": "global",
     "parallel": False,
+    "clip_grad_norm": None,
     "amp": None,
     "track_curvature": None,
     "curvature_samples": DEFAULT_CURVATURE_SAMPLES,
@@ -303,8 +304,9 @@ def check_options(config: dict[str, Any]) -> None:
             "--perturbation local has no effect with --optimizer sgd, which does not perturb; "
             "drop --perturbation or pass --optimizer sam or crsam"
         )
-    if config["parallel"]:
-        raise UsageError("--parallel is not available yet; train in one process without --parallel")
+    _check_parallel_options(config)
+    _check_real(config, "clip_grad_norm", minimum=0.0, exclusive=True, example="1.0",
+                value_description="a maximum gradient norm")
     if config["amp"] is not None and config["amp"] not in AMP_CHOICES:
         raise UsageError(
             f"--amp {config['amp']!r} is unknown; choose one of {', '.join(AMP_CHOICES)}, or drop --amp to train in float32"
@@ -383,6 +385,31 @@ def run_device(name: str) -> torch.device:
     return rank_device
 
 
+def _check_parallel_options(config: dict[str, Any]) -> None:
+    """Raise UsageError when ``--parallel`` is combined with an option its batched passes lack."""
+    if not config["parallel"]:
+        return
+    if config["optimizer"] != "crsam":
+        raise UsageError(
+            f"--parallel applies to --optimizer crsam only, whose two perturbed passes it batches; "
+            f"drop --parallel for --optimizer {config['optimizer']}"
+        )
+    conflicts = [
+        ("accumulation_steps", (config.get("accumulation_steps") or 1) > 1, "--accumulation-steps"),
+        ("amp", config.get("amp") is not None, "--amp"),
+        ("compile", bool(config.get("compile")), "--compile"),
+    ]
+    for _, present, flag in conflicts:
+        if present:
+            # The batched passes call the model through torch.func.functional_call under vmap, on
+            # the whole batch in float32, so micro-batches, autocast and compiled modules are not
+            # part of them.
+            raise UsageError(
+                f"--parallel cannot be combined with {flag}, because the batched passes run the whole "
+                f"batch in float32 through torch.func; drop {flag} or drop --parallel"
+            )
+
+
 def _check_curvature_options(config: dict[str, Any]) -> None:
     """Raise UsageError unless ``--track-curvature`` and ``--curvature-samples`` are None or counts >= 1."""
     if config["track_curvature"] is not None:
@@ -447,17 +474,12 @@ def build_optimizer(config: dict[str, Any], model: nn.Module) -> torch.optim.Opt
     # "local" perturbs each DDP process by its own gradient. In one process the gradient at w is
     # the batch's whole gradient either way, so both values give the same update.
     perturbation = config.get("perturbation") or "global"
-    if perturbation == "local" and config["optimizer"] == "crsam" and distributed.is_distributed():
-        # NOTE: crsam.optim.CRSAM adds -2 alpha g0 after the all-reduce, and with a local
-        # perturbation g0 is each process's own gradient, so the replicas' weights drift apart.
-        raise UsageError(
-            "--perturbation local with --optimizer crsam is not supported under torchrun yet, because "
-            "the processes' weights would drift apart; pass --perturbation global or --optimizer sam"
-        )
+    # Clipping of the final combined update direction; plain SGD clips in crsam.steps.take_step.
+    max_grad_norm = config.get("clip_grad_norm")
     if config["optimizer"] == "sam":
         return SAM(
             model.parameters(), torch.optim.SGD, rho=config["rho"], model=model, perturbation=perturbation,
-            **sgd_options,
+            max_grad_norm=max_grad_norm, **sgd_options,
         )
     return CRSAM(
         model.parameters(),
@@ -467,6 +489,7 @@ def build_optimizer(config: dict[str, Any], model: nn.Module) -> torch.optim.Opt
         beta=config["beta"],
         model=model,
         perturbation=perturbation,
+        max_grad_norm=max_grad_norm,
         **sgd_options,
     )
 

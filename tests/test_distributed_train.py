@@ -1,8 +1,9 @@
 """``crsam train`` under torchrun with two gloo processes on the CPU, against one process.
 
-One torchrun launch (``tests/distributed_train_worker.py``) runs four jobs on MNIST-1D with the
+One torchrun launch (``tests/distributed_train_worker.py``) runs six jobs on MNIST-1D with the
 MLP: CR-SAM with the global perturbation from scratch, SAM with the local perturbation, the
-resumption of a one-process CR-SAM run stopped after two of three epochs, and plain SGD. The 136 training
+resumption of a one-process CR-SAM run stopped after two of three epochs, plain SGD, CR-SAM with
+the local perturbation, and CR-SAM with ``--parallel``. The 136 training
 examples in batches of 45 make an uneven last batch of one example, so rank 1 gets an empty
 share once per epoch, and the loss weighting is tested on it.
 """
@@ -20,10 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from crsam import distributed
 from crsam.checkpoint import load_checkpoint
-from crsam.errors import UsageError
-from crsam.train import build_optimizer, resolve_options, restore_run, train
+from crsam.train import restore_run, train
 
 WORKER = Path(__file__).with_name("distributed_train_worker.py")
 RUN = {"num_samples": 170, "batch_size": 45, "epochs": 3, "seed": 1}
@@ -40,7 +39,7 @@ def run_args(out: Path, **changes) -> str:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Train the one-process references, launch torchrun once for four jobs and return the folders."""
+    """Train the one-process references, launch torchrun once for six jobs and return the folders."""
     base = tmp_path_factory.mktemp("runs")
     train(RUN, out=base / "one_process", progress=False)
     train({**RUN, "optimizer": "sgd"}, out=base / "one_process_sgd", progress=False)
@@ -59,6 +58,8 @@ def runs(tmp_path_factory):
             run_args(folder / "local", optimizer="sam", perturbation="local"),
             f"train --out {folder / 'resumed'} --resume",
             run_args(folder / "sgd", optimizer="sgd"),
+            run_args(folder / "crsam_local", perturbation="local"),
+            f"{run_args(folder / 'parallel')} --parallel",
         ]
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -93,14 +94,14 @@ def max_difference(first: dict[str, torch.Tensor], second: dict[str, torch.Tenso
     return max(float((first[key] - second[key]).abs().max()) for key in first)
 
 
-@pytest.mark.parametrize("job", [0, 1, 2, 3])
+@pytest.mark.parametrize("job", [0, 1, 2, 3, 4, 5])
 def test_jobs_succeed_on_both_ranks(runs, job):
     _, folder, _ = runs
 
     assert [job_result(folder, job, rank)["status"] for rank in (0, 1)] == [0, 0]
 
 
-@pytest.mark.parametrize("job", [0, 1, 2, 3])
+@pytest.mark.parametrize("job", [0, 1, 2, 3, 4, 5])
 def test_replicas_identical(runs, job):
     # Every rank applies the same averaged update to the same weights, so DDP replicas must stay
     # bit for bit equal. A rank-local term in the update would make them drift apart.
@@ -117,6 +118,18 @@ def test_weights_match_one_process(runs, reference, run):
 
     steps = RUN["epochs"] * STEPS_PER_EPOCH
     assert max_difference(actual, expected) <= weight_tolerance(expected, steps)
+
+
+def test_parallel_weights_match_one_process(runs):
+    # Two reorderings of the same float32 sums, each bounded as in weight_tolerance: the shard
+    # means against one mean, and the batched perturbed passes against separate ones.
+    base, folder, _ = runs
+    expected = load_checkpoint(base / "one_process" / "checkpoint.pt")["model"]
+    actual = load_checkpoint(folder / "parallel" / "checkpoint.pt")
+
+    assert actual["config"]["parallel"] is True
+    steps = RUN["epochs"] * STEPS_PER_EPOCH
+    assert max_difference(actual["model"], expected) <= 2 * weight_tolerance(expected, steps)
 
 
 def test_resumed_weights_match_one_process(runs):
@@ -152,11 +165,19 @@ def test_metrics_match_one_process(runs, reference, run):
 
 @pytest.mark.parametrize(
     ("job", "epochs", "expected_backward", "expected_optimizer"),
-    [(0, RUN["epochs"], 1, 1), (1, RUN["epochs"], 0, 1), (2, 1, 1, 1), (3, RUN["epochs"], 1, 0)],
+    [
+        (0, RUN["epochs"], 1, 1),
+        (1, RUN["epochs"], 0, 1),
+        (2, 1, 1, 1),
+        (3, RUN["epochs"], 1, 0),
+        (4, RUN["epochs"], 0, 1),
+        (5, RUN["epochs"], 1, 1),
+    ],
 )
 def test_gradient_all_reduces_per_step(runs, job, epochs, expected_backward, expected_optimizer):
     # Global CR-SAM: DDP averages the gradient at w, the optimizer the perturbed passes' sum.
-    # Local SAM: every pass stays inside no_sync and the optimizer averages once.
+    # Local SAM and local CR-SAM: every pass stays inside no_sync and the optimizer averages once.
+    # Parallel CR-SAM: as global, with the two perturbed passes batched into one.
     # SGD: DDP averages the one backward pass.
     _, folder, _ = runs
     result = job_result(folder, job, 0)
@@ -181,7 +202,7 @@ def test_rank_zero_alone_writes_and_prints(runs):
     assert config["world_size"] == 2
     assert sorted(path.name for path in (folder / "global").iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
     # One summary table per job: rank 1 prints nothing.
-    assert stdout.count("\ncheckpoint ") == 4
+    assert stdout.count("\ncheckpoint ") == 6
 
 
 def test_local_perturbation_one_process_equals_global(tmp_path):
@@ -195,13 +216,3 @@ def test_local_perturbation_one_process_equals_global(tmp_path):
     assert local_run["config"]["perturbation"] == "local"
     for key, value in global_run["model"].items():
         assert torch.equal(local_run["model"][key], value), key
-
-
-def test_crsam_local_rejected_under_ddp(monkeypatch):
-    # CRSAM adds each rank's own -2 alpha g0 after its all-reduce, so replicas would drift apart.
-    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
-    config = resolve_options({"optimizer": "crsam", "perturbation": "local"})
-
-    with pytest.raises(UsageError, match=r"--perturbation local with --optimizer crsam is not supported under torchrun"):
-        build_optimizer(config, torch.nn.Linear(2, 2))
-    assert build_optimizer({**config, "perturbation": "global"}, torch.nn.Linear(2, 2)).defaults["rho"] == 0.1

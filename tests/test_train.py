@@ -241,7 +241,12 @@ def test_sgd_drops_sharpness_options():
         ({"prior_split": 1.0}, r"--prior-split 1.0 is outside \(0, 1\)"),
         ({"perturbation": "local", "optimizer": "sgd"}, r"--perturbation local has no effect with --optimizer sgd"),
         ({"perturbation": "ball"}, r"--perturbation 'ball' is unknown; choose one of global, local"),
-        ({"parallel": True}, r"--parallel is not available yet"),
+        ({"parallel": True, "optimizer": "sgd"}, r"--parallel applies to --optimizer crsam only"),
+        ({"parallel": True, "accumulation_steps": 2}, r"--parallel cannot be combined with --accumulation-steps"),
+        ({"parallel": True, "amp": "bf16"}, r"--parallel cannot be combined with --amp"),
+        ({"parallel": True, "compile": True}, r"--parallel cannot be combined with --compile"),
+        ({"clip_grad_norm": -1.0}, r"--clip-grad-norm -1.0 must be greater than 0"),
+        ({"clip_grad_norm": float("inf")}, r"--clip-grad-norm inf is not a finite number"),
     ],
 )
 def test_invalid_options(options, message):
