@@ -131,9 +131,8 @@ class _GroupBuffers:
         self.grads: list[Tensor] = [param.grad for param in self.params]
         # Where the passes leave g0 for the direction: .grad itself, or a saved copy of it.
         self.grad_at_w: list[Tensor] = self.grads
-        # rho / ||g0|| and its negative, 0-dim tensors on the device; unset while rho is 0.
-        self.scale: Tensor | None = None
-        self.negative_scale: Tensor | None = None
+        # ||g0|| over all groups, clamped away from 0: a 0-dim tensor on the device.
+        self.grad_norm: Tensor | None = None
         self.direction: list[Tensor] = []
         self._lists: dict[str, list[Tensor]] = {}
 

@@ -250,8 +250,8 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
     def _perturbed_passes(self, groups: list[_GroupBuffers], run: Callable[[], Tensor | float]) -> list[Tensor | float]:
         """Run the perturbed passes and leave the local direction in each group.
 
-        Each group arrives with ``g.scale = rho / ||g0||`` (and its negative
-        ``g.negative_scale``), ``g.grads`` = g0, and the weights at ``w`` saved in
+        Each group arrives with the clamped norm ``g.grad_norm = ||g0||``, ``g.grads`` = g0,
+        and the weights at ``w`` saved in
         ``g.buffers("weights")``. ``run()`` calls the closure where the weights are and returns
         the loss. Each subclass sets ``g.direction`` to its update direction, in which the
         gradient at ``w`` (the only one that may already be averaged over processes) enters
@@ -269,30 +269,29 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _perturb(targets: list[Tensor], g: _GroupBuffers, sign: float, grad_at_w: list[Tensor]) -> None:
-        """Add ``sign * eps = sign * scale * g0`` to tensors that contain ``w``.
+        """Add ``sign * eps = sign * rho * g0 / ||g0||`` to tensors that contain ``w``.
 
-        ``addcmul`` forms eps inside the addition, so eps needs no buffer of its own. Every path
-        (SAM, CR-SAM sequential and batched) perturbs with this one operation, so all of them
-        round ``w + eps`` alike.
+        ``addcdiv`` forms eps inside the addition, so eps needs no buffer of its own, and the
+        norm stays a tensor on the device. Every path (SAM, CR-SAM sequential and batched)
+        perturbs with this one operation, so all of them round ``w + eps`` alike.
         """
         if g.rho > 0:
-            scale = g.scale if sign > 0 else g.negative_scale
-            torch._foreach_addcmul_(targets, grad_at_w, [scale] * len(targets))
+            norms = [g.grad_norm] * len(targets)
+            torch._foreach_addcdiv_(targets, grad_at_w, norms, value=sign * g.rho)
 
     @staticmethod
     def _write_perturbed(targets: list[Tensor], g: _GroupBuffers, sign: float, weights: list[Tensor]) -> None:
-        """Write ``weights + sign * scale * g0`` into ``targets`` in one pass over the memory.
+        """Write ``weights + sign * rho * g0 / ||g0||`` into ``targets`` in one pass over the memory.
 
         Same values as copying ``weights`` and calling :meth:`_perturb`, with one read of the
-        weights fewer. The loop runs one ``addcmul`` per tensor, as ``_foreach_addcmul_`` does
-        on the CPU for a 0-dim factor; no foreach operation takes an ``out=`` argument.
+        weights fewer. The loop runs one ``addcdiv`` per tensor, because no foreach operation
+        takes an ``out=`` argument.
         """
         if g.rho == 0:
             torch._foreach_copy_(targets, weights)
             return
-        scale = g.scale if sign > 0 else g.negative_scale
         for target, weight, grad in zip(targets, weights, g.grad_at_w):
-            torch.addcmul(weight, grad, scale, out=target)
+            torch.addcdiv(weight, grad, g.grad_norm, value=sign * g.rho, out=target)
 
     def _move(self, groups: list[_GroupBuffers], sign: float) -> None:
         """Set the weights to ``w + sign * eps`` from the saved copy of ``w``."""
@@ -371,16 +370,13 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
             return loss_at_w
 
         # eps = rho * g0 / ||g0|| with the norm over every group. The division stays on the
-        # device, so no value reaches the host before the end. Clamping the norm to at least
-        # max(1, rho) times the smallest normal float keeps rho / ||g0|| finite, so a zero
-        # gradient gives eps = 0 * finite = 0, not NaN. Tensor.__rdiv__ computes the quotient
-        # as reciprocal(||g0||) * rho, and the reciprocal of a subnormal norm overflows.
+        # device, so no value reaches the host before the end. Clamping the norm to at least the
+        # smallest normal float keeps every |g0_i| / ||g0|| at most 1 (its reciprocal is finite
+        # in every float dtype), so a zero gradient gives eps = 0, not NaN.
         grad_norm = _global_norm([grad for g in groups for grad in g.grads])
-        tiny = torch.finfo(grad_norm.dtype).tiny
+        divisor = grad_norm.clamp(min=torch.finfo(grad_norm.dtype).tiny)
         for g in groups:
-            if g.rho > 0:
-                g.scale = g.rho / grad_norm.clamp(min=tiny * max(1.0, g.rho))
-                g.negative_scale = -g.scale
+            g.grad_norm = divisor
 
         if functional_closure is not None:
             losses = self._run_parallel(groups, functional_closure, random_before, random_after, loss_at_w)
@@ -532,7 +528,8 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
     def _check_finite(self, losses: list[Tensor | float], grad_norm: Tensor | None) -> None:
         """Raise NonFiniteLossError naming the step and the pass; one host sync for all values."""
         values: list[Tensor | float] = [*losses, *([grad_norm] if grad_norm is not None else [])]
-        tensors = [v.detach().reshape(()) for v in values if isinstance(v, Tensor)]
+        # The step runs under no_grad, so stacking needs no detach; losses are normally 0-dim.
+        tensors = [v if v.dim() == 0 else v.reshape(()) for v in values if isinstance(v, Tensor)]
         if tensors:
             # The one host-device synchronization of the step (stack promotes mixed dtypes).
             device = tensors[0].device
