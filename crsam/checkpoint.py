@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import struct
 import tempfile
 import warnings
 import zipfile
@@ -209,8 +210,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise UsageError(
             f"checkpoint {str(path)!r} is truncated or corrupt ({detail}); train again or restore an intact copy"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as error:
-        detail = first_line(error)
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError,
+            KeyError, IndexError, struct.error) as error:
+        # torch's weights-only unpickler raises KeyError, IndexError or struct.error on some short
+        # files that are neither zip archives nor pickles.
+        detail = "not a zip archive or pickle" if isinstance(error, (KeyError, IndexError, struct.error)) else first_line(error)
         if "TORCH_FORCE_" in detail:
             # torch.load rejects contradictory settings of its environment variables before reading.
             raise UsageError(

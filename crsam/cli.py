@@ -332,11 +332,18 @@ def _check_positive(flag: str, value: int | None) -> None:
 
 
 def _check_sigma_grid(values: list[float] | None) -> None:
+    from crsam.certificate.gaussian import SCALE_GRID_MAX, SCALE_GRID_MIN
+
     if values is None:
         return
     for value in values:
         if not (math.isfinite(value) and value > 0):
             raise UsageError(f"--sigma-grid contains {value}, which is not a finite number > 0; pass positive scales such as 0.01,0.03,0.1")
+        if not SCALE_GRID_MIN <= value <= SCALE_GRID_MAX:
+            raise UsageError(
+                f"--sigma-grid contains {value:g}, outside [{SCALE_GRID_MIN:g}, {SCALE_GRID_MAX:g}], where the KL "
+                "term and the sampled float32 weights stay finite; pass scales such as 0.01,0.03,0.1"
+            )
     if len(set(values)) != len(values):
         raise UsageError(f"--sigma-grid {','.join(f'{value:g}' for value in values)} repeats a value; each repeat costs confidence for nothing, so pass distinct values")
 
@@ -555,6 +562,7 @@ def _format_number(value: Any) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``crsam`` with ``argv`` (default: the process's arguments) and return the exit status."""
     parser = build_parser()
+    args = None
     try:
         args = parser.parse_args(argv)
         return args.handler(args)
@@ -565,7 +573,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt as interruption:
         # crsam.train passes a message when the interrupted run left nothing to resume.
-        advice = str(interruption) or "a training run continues with 'crsam train --out DIR --resume'"
+        command = getattr(args, "command", None)
+        if str(interruption):
+            advice = str(interruption)
+        elif command == "train":
+            advice = "a training run continues with 'crsam train --out DIR --resume'"
+        else:
+            advice = "nothing was written; run the same command again"
         print(f"crsam: interrupted; {advice}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except SystemExit as exit_request:

@@ -145,7 +145,7 @@ STORED_REQUIRED_OPTIONS = (
 )
 
 # Options that may differ between a run and its resumption because they do not change the result.
-RESUME_FREE_OPTIONS = ("out", "data_dir")
+RESUME_FREE_OPTIONS = ("out", "data_dir", "device")
 
 # The largest finite float32, the dtype of the models' weights.
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -1030,6 +1030,14 @@ def _resume_state(options: dict[str, Any], out: Path) -> RunState:
             )
     config["out"] = str(out)
 
+    # The device may change between a run and its resumption, as the data folder may.
+    if options.get("device") is not None:
+        config["device"] = options["device"]
+    elif config["device"] == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            f"the run in {str(out)!r} trained with --device cuda, and torch finds no CUDA device here; "
+            "pass --device cpu (or auto) with --resume to continue on the CPU"
+        )
     device = run_device(config["device"])
     data = load_run_data(config, data_dir=options.get("data_dir"))
     _check_data_hash(data, payload, path)
@@ -1055,12 +1063,30 @@ def _resume_state(options: dict[str, Any], out: Path) -> RunState:
             f"checkpoint {str(path)!r} does not fit the {config['model']!r} run it describes "
             f"({_state_dict_problem(error)}); resume with the crsam version that wrote it, or train again"
         ) from None
+    _check_schedule_position(scheduler, config, payload["epoch"], len(data.y_train), path)
 
     metrics = list(payload["metrics"])
     device_data = TrainingData(data, device=device, cutout=config["cutout"])
     training_model = compile_model(wrapped) if config["compile"] else wrapped
     return RunState(config, data, device_data, model, training_model, optimizer, scheduler, data_order, augmentation,
                     scaler, payload["prior"], metrics, payload["epoch"])
+
+
+def _check_schedule_position(
+    scheduler: torch.optim.lr_scheduler.LRScheduler, config: dict[str, Any], epoch: int, num_train: int, path: Path
+) -> None:
+    """Raise UsageError unless the restored schedule stands where ``epoch`` completed epochs put it.
+
+    The schedule advances once per epoch, or once per step with warmup. A state from another
+    epoch would train the remaining epochs at the wrong learning rates without any error.
+    """
+    steps = epoch * math.ceil(num_train / config["batch_size"]) if schedule_per_step(config) else epoch
+    position = getattr(scheduler, "last_epoch", None)
+    if not isinstance(position, int) or isinstance(position, bool) or position != steps:
+        raise UsageError(
+            f"checkpoint {str(path)!r} is invalid: its learning-rate schedule is at step {position!r}, but "
+            f"{epoch} completed epochs put it at {steps}; pass a checkpoint that 'crsam train' wrote, or train again"
+        )
 
 
 def _restore_scaler(scaler: torch.amp.GradScaler, state: Any) -> None:
@@ -1282,6 +1308,9 @@ def restore_run(path: str | os.PathLike, *, data_dir: str | os.PathLike | None =
             f"the model {config['model']!r}; pass a checkpoint that 'crsam train' wrote, or train again"
         )
 
+    if prior.get("kind") == "init":
+        _check_initial_prior(config, data, prior, path)
+
     # Regenerate the prior's held-out split and check it against the stored hash.
     split = None
     if prior.get("split") is not None:
@@ -1299,6 +1328,26 @@ def restore_run(path: str | os.PathLike, *, data_dir: str | os.PathLike | None =
                 "use the crsam and torch versions that wrote the checkpoint"
             )
     return RestoredRun(path, payload, config, model, data, prior["state"], split)
+
+
+def _check_initial_prior(config: dict[str, Any], data: Any, prior: dict[str, Any], path: Path) -> None:
+    """Raise UsageError unless the stored prior centre equals the seeded initial weights.
+
+    A prior must not depend on the data the bound uses. A prior of kind "init" is the model built
+    after ``torch.manual_seed(seed)``, so it is rebuilt here and compared bit for bit. An edited
+    centre, for example the trained weights, would otherwise give a KL near 0 and an invalid bound.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(prior.get("seed", config["seed"]))
+        initial = build_run_model(config, data).state_dict()
+    for name, tensor in initial.items():
+        stored = prior["state"][name]
+        if stored.dtype != tensor.dtype or not torch.equal(stored, tensor):
+            raise UsageError(
+                f"checkpoint {str(path)!r} is invalid: its prior centre ({name!r}) differs from the initial "
+                f"weights of seed {prior.get('seed', config['seed'])}, so a bound against it would not be valid; "
+                "pass a checkpoint that 'crsam train' wrote, or train again"
+            )
 
 
 def _state_dict_problem(error: BaseException) -> str:

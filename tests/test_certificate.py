@@ -492,6 +492,14 @@ def test_grid_accepts_numpy_array_in_any_order():
     assert result["sigma_grid"] == [0.01, 0.1, 1.0]
 
 
+@pytest.mark.parametrize("value", [1e-320, 1e-101, 1e31, 1e300])
+def test_grid_rejects_scales_out_of_range(value):
+    model, prior_state = trained_pair()
+    x, y = make_data(40, seed=2)
+    with pytest.raises(ValueError, match=r"sigma_grid contains .*, outside \[1e-100, 1e\+30\]"):
+        certify(model, prior_state, x, y, **{**FAST, "sigma_grid": [0.1, value]})
+
+
 def test_single_value_grid_is_not_an_edge():
     model, prior_state = trained_pair()
     x, y = make_data(40, seed=2)

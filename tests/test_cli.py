@@ -90,6 +90,8 @@ BAD_INPUT = [
     (["bound", "CKPT", "--sigma-grid", "0.1,x"], r"argument --sigma-grid: 'x' in '0.1,x' is not a number"),
     (["bound", "CKPT", "--sigma-grid", "0.1,-1"], r"--sigma-grid contains -1.0, which is not a finite number > 0"),
     (["bound", "CKPT", "--sigma-grid", "0.1,0.1"], r"--sigma-grid 0.1,0.1 repeats a value"),
+    (["bound", "CKPT", "--sigma-grid", "1e-320"], r"--sigma-grid contains 9.99989e-321, outside \[1e-100, 1e\+30\]"),
+    (["bound", "CKPT", "--sigma-grid", "0.1,1e300"], r"--sigma-grid contains 1e\+300, outside \[1e-100, 1e\+30\]"),
     (["bound", "CKPT", "--prior-variance-c", "0"], r"--prior-variance-c 0.0 is not a finite number > 0; pass a scale such as 0.1"),
     (["bound", "CKPT", "--delta", "1e-320"], r"delta 1e-320 is too small: .* Pass a delta of at least 1e-30\d\."),
     (["bound", "CKPT", "--mc-samples", "0"], r"--mc-samples 0 must be at least 1"),
@@ -361,6 +363,18 @@ def unfinished_run_without_optimizer_state(payload):
     payload["optimizer"] = {}
 
 
+def prior_set_to_trained_weights(payload):
+    payload["prior"]["state"] = copy.deepcopy(payload["model"])
+
+
+def unfinished_run_with_scheduler(scheduler_state):
+    def change(payload):
+        payload["config"]["epochs"] = 3
+        payload["scheduler"] = {**payload["scheduler"], **scheduler_state}
+
+    return change
+
+
 ALL_COMMANDS = ("bound", "curvature", "verify", "resume")
 
 # Each case: an id, a function from (checkpoint bytes, payload) to the hostile file's bytes, the
@@ -392,6 +406,14 @@ BAD_CHECKPOINTS = [
      r"stores an invalid configuration \(it lacks data, activation, optimizer, lr"),
     ("prior-shape", edited(shrink_prior), ("bound", "curvature", "verify"),
      r"is invalid: the prior's tensors do not match the parameters of the model 'mlp'"),
+    ("short-text", lambda data, payload: b"hello\n", ALL_COMMANDS,
+     r"is truncated or corrupt \(not a zip archive or pickle\)"),
+    ("prior-trained", edited(prior_set_to_trained_weights), ("bound", "curvature", "verify"),
+     r"is invalid: its prior centre \('.*'\) differs from the initial weights of seed 0"),
+    ("scheduler-behind", edited(unfinished_run_with_scheduler({"last_epoch": 0})), ("resume",),
+     r"is invalid: its learning-rate schedule is at step 0, but 1 completed epochs put it at 1"),
+    ("scheduler-text", edited(unfinished_run_with_scheduler({"last_epoch": "x"})), ("resume",),
+     r"does not fit the 'mlp' run it describes|is invalid: its learning-rate schedule is at step 'x'"),
     ("optimizer-state", edited(unfinished_run_without_optimizer_state), ("resume",),
      r"does not fit the 'mlp' run it describes \(an entry lacks the key 'param_groups'\)"),
 ]
@@ -550,3 +572,19 @@ def test_config_without_later_flags_loads(run_dir, tmp_path, capsys):
     status, out, _ = run_cli(["curvature", tmp_path / "checkpoint.pt", "--json", "--probes", "3"], capsys)
     assert status == 0
     assert strict_json(out)["trace"]["estimate"] is not None
+
+
+@pytest.mark.usefixtures("no_progress_bar")
+def test_interrupt_during_bound(run_dir, capsys, monkeypatch):
+    import crsam.certificate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(crsam.certificate, "certify", interrupted)
+    before = snapshot(run_dir)
+    status, out, err = run_cli(["bound", run_dir / "checkpoint.pt"], capsys)
+    assert status == 130
+    assert out == ""
+    assert err == "crsam: interrupted; nothing was written; run the same command again\n"
+    assert snapshot(run_dir) == before

@@ -273,3 +273,21 @@ def test_local_perturbation_reaches_optimizer():
 
     optimizer = build_optimizer(resolve_options({"perturbation": "local"}), build_model("mlp"))
     assert optimizer.perturbation == "local"
+
+
+def test_resume_cuda_run_on_cpu(tmp_path, monkeypatch):
+    """A run stored with --device cuda resumes on the CPU with --device cpu, and says so without it."""
+    from crsam.checkpoint import save_checkpoint
+
+    out = tmp_path / "run"
+    train(tiny(), out=out, progress=False, stop_after_epoch=1)
+    payload = load_checkpoint(out / "checkpoint.pt")
+    payload["config"]["device"] = "cuda"
+    save_checkpoint(payload, out / "checkpoint.pt")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    with pytest.raises(UsageError, match=r"trained with --device cuda, and torch finds no CUDA device here; "
+                                         r"pass --device cpu \(or auto\) with --resume"):
+        train({}, out=out, resume=True, progress=False)
+    summary = train({"device": "cpu"}, out=out, resume=True, progress=False)
+    assert summary["epochs_completed"] == TINY["epochs"]

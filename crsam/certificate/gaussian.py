@@ -467,6 +467,13 @@ def check_budget_options(delta, monte_carlo_fraction, seed, method, **counts) ->
     resolve_method(nn.Identity(), method)
 
 
+# Range of a scale grid's values. Below it, sigma^2 and squared distances over sigma^2 leave the
+# float64 range (about 1e-308 to 1e308) for realistic weights. Above it, sampled float32 weights
+# w + sigma * e could overflow float32's maximum of 3.4e38 and turn the logits into NaN.
+SCALE_GRID_MIN = 1e-100
+SCALE_GRID_MAX = 1e30
+
+
 def check_scale_grid(values, name, default, example) -> tuple[float, ...]:
     """Validate a grid fixed before the data (finite, positive, distinct) and return it sorted.
 
@@ -486,6 +493,11 @@ def check_scale_grid(values, name, default, example) -> tuple[float, ...]:
             raise ValueError(
                 f"{name} must contain finite positive numbers, got {value!r} in it; "
                 "remove it or pass None for the default grid"
+            )
+        if not SCALE_GRID_MIN <= value <= SCALE_GRID_MAX:
+            raise ValueError(
+                f"{name} contains {value!r}, outside [{SCALE_GRID_MIN:g}, {SCALE_GRID_MAX:g}]; the KL term "
+                "divides by sigma^2 and the sampled float32 weights must stay finite, so remove it"
             )
     ordered = tuple(sorted(float(value) for value in grid))
     if len(set(ordered)) != len(ordered):
