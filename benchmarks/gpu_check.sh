@@ -7,7 +7,10 @@
 #   PYTHON=/path/to/python benchmarks/gpu_check.sh [--steps 300] [--batch-size 128] [--json]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python}"
+# The project's .venv when there is one (as make creates it), else python3 on the PATH.
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
 
 if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true

@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import json
 import math
+import shlex
 import sys
 import warnings
 from collections.abc import Sequence
@@ -185,8 +186,9 @@ def _add_bound_parser(commands: argparse._SubParsersAction) -> None:
                        help="total failure probability in (0, 1), shared by all bounds and Monte-Carlo steps; "
                        "values so small that a share falls below 2.2e-308 are rejected [0.05]")
     bound.add_argument("--mc-samples", type=_int, metavar="N",
-                       help="fresh weight samples for the Monte-Carlo estimate of the posterior's training error "
-                       f"[{_certificate_default('DEFAULT_MC_SAMPLES')}]")
+                       help="fresh weight samples for the Monte-Carlo estimate of the posterior's training error; "
+                       "with --prior learned, rounds of fresh weights for every example "
+                       f"[{_certificate_default('DEFAULT_MC_SAMPLES')}; {_certificate_default('DEFAULT_TIGHT_MC_SAMPLES')} with --prior learned]")
     bound.add_argument("--seed", type=_int, default=0, help="seed of the Monte-Carlo weight samples [0]")
     bound.add_argument("--prior", choices=("init", "learned"), default="init",
                        help="init: certify N(w, sigma^2 I) around the checkpoint's weights w against a prior at "
@@ -577,7 +579,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if str(interruption):
             advice = str(interruption)
         elif command == "train":
-            advice = "a training run continues with 'crsam train --out DIR --resume'"
+            out = shlex.quote(str(args.out)) if getattr(args, "out", None) else "DIR"
+            advice = f"the training run continues with 'crsam train --out {out} --resume'"
         else:
             advice = "nothing was written; run the same command again"
         print(f"crsam: interrupted; {advice}", file=sys.stderr)

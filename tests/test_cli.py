@@ -539,7 +539,7 @@ def test_interrupt_then_resume(tmp_path, capsys, monkeypatch):
     interrupt_in_epoch(monkeypatch, 2)
     status, _, err = run_cli(argv, capsys)
     assert status == 130
-    assert "continues with 'crsam train --out DIR --resume'" in err
+    assert f"continues with 'crsam train --out {out} --resume'" in err
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
