@@ -214,7 +214,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             KeyError, IndexError, struct.error) as error:
         # torch's weights-only unpickler raises KeyError, IndexError or struct.error on some short
         # files that are neither zip archives nor pickles.
-        detail = "not a zip archive or pickle" if isinstance(error, (KeyError, IndexError, struct.error)) else first_line(error)
+        detail = first_line(error)
+        if isinstance(error, (KeyError, IndexError, struct.error)):
+            detail = "not a zip archive or pickle"
         if "TORCH_FORCE_" in detail:
             # torch.load rejects contradictory settings of its environment variables before reading.
             raise UsageError(
