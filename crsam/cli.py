@@ -92,10 +92,15 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         description="Train a model with SGD, SAM or CR-SAM. Defaults are shown in brackets.",
     )
     data = train.add_argument_group("data")
-    data.add_argument("--data", metavar="NAME", help=f"data set: mnist1d, cifar10 or cifar100 [{DEFAULTS['data']}]")
+    data.add_argument("--data", metavar="NAME",
+                      help=f"data set: mnist1d, cifar10, cifar100 or imagefolder [{DEFAULTS['data']}]")
     data.add_argument("--data-dir", metavar="PATH",
-                      help="folder with the CIFAR 'python version' archive or its extracted folder "
-                      "(must exist; MNIST-1D is generated and does not read it)")
+                      help="folder with the CIFAR 'python version' archive or its extracted folder; for "
+                      "imagefolder, the folder with train/ and val/ (or test/), each with one subfolder of "
+                      "images per class (must exist; MNIST-1D is generated and does not read it)")
+    data.add_argument("--image-size", type=_int, metavar="S",
+                      help="imagefolder only: side in pixels of the square images, each cropped to its central "
+                      "square and resized (bilinear); memory is N x 3 x S x S bytes [32]")
     data.add_argument("--num-samples", type=_int, metavar="N",
                       help="MNIST-1D examples to generate, a multiple of 10, split 80/20 into train and test [5000]")
     data.add_argument("--data-seed", type=_int, metavar="SEED",
@@ -104,12 +109,12 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     data.add_argument("--prior-split", type=_float, metavar="FRACTION",
                       help="fraction of the training set held out for a data-dependent prior, in (0, 1) [none]")
     data.add_argument("--cutout", type=_int, metavar="SIZE",
-                      help="CIFAR only: zero one random SIZE x SIZE square per training image (Cutout), "
+                      help="image data only: zero one random SIZE x SIZE square per training image (Cutout), "
                       "after the random crop with 4 pixels of padding and the horizontal flip [off]")
 
     model = train.add_argument_group("model")
     model.add_argument("--model", metavar="NAME",
-                       help="mlp or cnn1d for MNIST-1D; resnet18, resnet50, wrn28_10 or vit for CIFAR "
+                       help="mlp or cnn1d for MNIST-1D; resnet18, resnet50, wrn28_10 or vit for CIFAR and imagefolder "
                        f"[{DEFAULTS['model']}]")
     model.add_argument("--activation", metavar="NAME",
                        help="relu, gelu, tanh, softplus or silu [gelu for mlp, cnn1d and vit, relu for the ResNets]")
@@ -286,6 +291,8 @@ def _format_train_table(summary: dict[str, Any]) -> str:
 def _describe_data(config: dict[str, Any]) -> str:
     if config["data"] == "mnist1d":
         return f"{config['data']}, {config.get('num_samples')} examples, seed {config.get('data_seed')}"
+    if config["data"] == "imagefolder":
+        return f"{config['data']} from {config.get('data_dir')}, {config.get('image_size')}x{config.get('image_size')} pixels"
     return f"{config['data']} from {config.get('data_dir')}"
 
 

@@ -22,8 +22,9 @@ import torch
 
 from crsam.errors import UsageError
 
-# Names accepted by ``--data``; the CIFAR readers are not written yet.
-DATA_CHOICES = ("mnist1d", "cifar10", "cifar100")
+# Names accepted by ``--data``. ``load_data`` generates MNIST-1D, and crsam.cifar and
+# crsam.imagefolder read the others.
+DATA_CHOICES = ("mnist1d", "cifar10", "cifar100", "imagefolder")
 AVAILABLE_DATA = ("mnist1d",)
 
 # The mnist1d package's standard arguments: 5000 samples, 80 % of them for training, seed 42.

@@ -67,7 +67,8 @@ from crsam.tracking import (
     is_tracked_epoch,
     measure_curvature,
 )
-from crsam.training_data import TrainingData, cifar_as_float_dataset
+from crsam.imagefolder import DEFAULT_IMAGE_SIZE, ImageFolderData, load_imagefolder
+from crsam.training_data import IMAGE_DATA_TYPES, TrainingData, cifar_as_float_dataset
 from crsam.vision_models import VISION_MODEL_CHOICES, build_vision_model
 
 OPTIMIZER_CHOICES = ("sgd", "sam", "crsam")
@@ -82,6 +83,7 @@ RUN_FILES = ("checkpoint.pt", "config.json", "metrics.jsonl")
 DEFAULTS: dict[str, Any] = {
     "data": "mnist1d",
     "data_dir": None,
+    "image_size": None,
     "num_samples": None,
     "data_seed": 42,
     "model": "mlp",
@@ -125,10 +127,14 @@ DEFAULT_ACTIVATION = {
     "mlp": "gelu", "cnn1d": "gelu", "resnet18": "relu", "resnet50": "relu", "wrn28_10": "relu", "vit": "gelu",
 }
 
-# Data sets and the models that read them: MNIST-1D sequences of length 40, or 3x32x32 CIFAR images.
+# Data sets and the models that read them: MNIST-1D sequences of length 40, or images with 3
+# channels, 32x32 for CIFAR and --image-size a side for image folders.
 SEQUENCE_DATA = ("mnist1d",)
 SEQUENCE_MODELS = ("mlp", "cnn1d")
-IMAGE_DATA = tuple(CIFAR_SPECS)
+IMAGE_DATA = (*CIFAR_SPECS, "imagefolder")
+
+# Side of the ViT's square patches, so its input side must be a multiple of it.
+VIT_PATCH_SIZE = 4
 
 # Models whose base channel count --width sets (64 in the standard networks).
 WIDTH_MODELS = ("resnet18", "resnet50")
@@ -196,6 +202,8 @@ def resolve_options(explicit: dict[str, Any]) -> dict[str, Any]:
         )
     if config["data"] == "mnist1d" and config["num_samples"] is None:
         config["num_samples"] = 5000
+    if config["data"] == "imagefolder" and config["image_size"] is None:
+        config["image_size"] = DEFAULT_IMAGE_SIZE
     return config
 
 
@@ -320,7 +328,8 @@ def _check_model_fits_data(config: dict[str, Any]) -> None:
     if data in SEQUENCE_DATA and model not in SEQUENCE_MODELS:
         raise UsageError(
             f"--model {model} takes 3x32x32 images, but --data {data} has sequences of length 40; "
-            f"pass --model {' or '.join(SEQUENCE_MODELS)}, or --data {' or '.join(IMAGE_DATA)} with --data-dir"
+            f"pass --model {' or '.join(SEQUENCE_MODELS)}, or --data {', '.join(IMAGE_DATA[:-1])} or {IMAGE_DATA[-1]} "
+            "with --data-dir"
         )
     if data in IMAGE_DATA and model not in VISION_MODEL_CHOICES:
         raise UsageError(
@@ -330,13 +339,27 @@ def _check_model_fits_data(config: dict[str, Any]) -> None:
 
 
 def _check_image_options(config: dict[str, Any]) -> None:
-    """Raise UsageError for an invalid ``--cutout``, ``--width`` or ``--device``."""
+    """Raise UsageError for an invalid ``--image-size``, ``--cutout``, ``--width`` or ``--device``."""
+    if config.get("image_size") is not None:
+        if config["data"] != "imagefolder":
+            raise UsageError(
+                f"--image-size applies to --data imagefolder only; drop it for --data {config['data']}"
+            )
+        _check_count(config, "image_size", minimum=1, example="32")
+        if config["model"] == "vit" and config["image_size"] % VIT_PATCH_SIZE != 0:
+            raise UsageError(
+                f"--image-size {config['image_size']} is not a multiple of the ViT's {VIT_PATCH_SIZE}-pixel patches; "
+                "pass a size such as 32 or 64"
+            )
     if config.get("cutout") is not None:
         if config["data"] not in IMAGE_DATA:
-            raise UsageError(f"--cutout applies to CIFAR images only; drop it for --data {config['data']}")
+            raise UsageError(f"--cutout applies to image data only; drop it for --data {config['data']}")
         _check_count(config, "cutout", minimum=1, example="16")
-        if config["cutout"] > 32:
-            raise UsageError(f"--cutout {config['cutout']} is larger than the 32-pixel images; pass a side such as 16")
+        side = config.get("image_size") or 32
+        if config["cutout"] > side:
+            raise UsageError(
+                f"--cutout {config['cutout']} is larger than the {side}-pixel images; pass a side such as {side // 2}"
+            )
     if config.get("width") is not None:
         if config["model"] not in WIDTH_MODELS:
             raise UsageError(
@@ -553,10 +576,13 @@ def describe_schedule(config: dict[str, Any]) -> str:
     return "cosine, stepped per epoch"
 
 
-def build_run_model(config: dict[str, Any], data: Dataset | CifarData) -> nn.Module:
+def build_run_model(config: dict[str, Any], data: Dataset | CifarData | ImageFolderData) -> nn.Module:
     """Build the model ``config`` names, sized for ``data``'s inputs and classes, on the CPU."""
     if config["model"] in VISION_MODEL_CHOICES:
         options = {} if config.get("width") is None else {"width": config["width"]}
+        if config["model"] == "vit" and config.get("image_size") is not None:
+            # The ViT's position embeddings fix its input size, while the convolutional models pool globally.
+            options["image_size"] = config["image_size"]
         return build_vision_model(
             config["model"], num_classes=data.num_classes, activation=config["activation"], **options
         )
@@ -568,10 +594,13 @@ def build_run_model(config: dict[str, Any], data: Dataset | CifarData) -> nn.Mod
     )
 
 
-def load_run_data(config: dict[str, Any], *, data_dir: str | os.PathLike | None = None) -> Dataset | CifarData:
+def load_run_data(
+    config: dict[str, Any], *, data_dir: str | os.PathLike | None = None
+) -> Dataset | CifarData | ImageFolderData:
     """Load the data set of a run's ``config``; ``data_dir`` overrides the folder it names.
 
-    CIFAR comes back as ``CifarData`` with uint8 images, and MNIST-1D as a float ``Dataset``.
+    CIFAR comes back as ``CifarData`` and image folders as ``ImageFolderData``, both with uint8
+    images, and MNIST-1D as a float ``Dataset``.
     """
     stored_dir = config.get("data_dir")
     if config["data"] == "mnist1d":
@@ -582,6 +611,9 @@ def load_run_data(config: dict[str, Any], *, data_dir: str | os.PathLike | None 
             f"the run's data folder {stored_dir!r} is not an existing folder; "
             "pass --data-dir with the folder's current place"
         )
+    if config["data"] == "imagefolder":
+        image_size = config.get("image_size") or DEFAULT_IMAGE_SIZE
+        return load_imagefolder(stored_dir if data_dir is None else data_dir, image_size=image_size)
     if config["data"] in IMAGE_DATA:
         return load_cifar(config["data"], stored_dir if data_dir is None else data_dir, expected_sizes=CIFAR_SPLIT_SIZES)
     return load_data(
@@ -725,7 +757,7 @@ class RunState:
     """Everything that changes during a run and goes into its checkpoint."""
 
     config: dict[str, Any]
-    data: Dataset | CifarData
+    data: Dataset | CifarData | ImageFolderData
     device_data: TrainingData
     model: nn.Module
     # The module the training passes call: ``model``, wrapped in DistributedDataParallel under
@@ -1239,13 +1271,22 @@ def _write_metrics(metrics: list[dict[str, Any]], out: Path) -> None:
     write_text_atomic("".join(line + "\n" for line in lines), out / "metrics.jsonl")
 
 
-def _check_data_hash(data: Dataset, payload: dict[str, Any], path: Path) -> None:
+def _check_data_hash(data: Dataset | CifarData | ImageFolderData, payload: dict[str, Any], path: Path) -> None:
     """Raise UsageError when regenerated data differ from the data the checkpoint was trained on."""
     expected = payload["data"].get("sha256")
     if data.sha256 != expected:
+        if isinstance(data, ImageFolderData):
+            source = payload["data"].get("source")
+            pillow_version = source.get("pillow_version") if isinstance(source, dict) else None
+            fix = (
+                "pass --data-dir with the unchanged folder the run trained on, and decode it with Pillow "
+                f"{pillow_version} as the run did (this is Pillow {data.source['pillow_version']})"
+            )
+        else:
+            fix = "use the crsam and mnist1d versions that wrote it"
         raise UsageError(
             f"the data rebuilt for {str(path)!r} have SHA-256 {data.sha256[:12]}..., but the checkpoint "
-            f"was trained on {str(expected)[:12]}...; use the crsam and mnist1d versions that wrote it"
+            f"was trained on {str(expected)[:12]}...; {fix}"
         )
 
 
@@ -1284,7 +1325,7 @@ def restore_run(path: str | os.PathLike, *, data_dir: str | os.PathLike | None =
     check_data_dir(data_dir)
     data = load_run_data(config, data_dir=data_dir)
     _check_data_hash(data, payload, path)
-    if isinstance(data, CifarData):
+    if isinstance(data, IMAGE_DATA_TYPES):
         data = cifar_as_float_dataset(data)
 
     # Rebuild the model and load the weights; a mismatch means the model code changed.

@@ -1,4 +1,4 @@
-"""A run's data on its training device: MNIST-1D as floats, CIFAR as uint8 images.
+"""A run's data on its training device: MNIST-1D as floats, CIFAR and image folders as uint8 images.
 
 CIFAR images stay uint8 in memory (50000 x 3072 bytes, about 150 MB for the training set) and
 become float32 only batch by batch. A training batch is augmented on the device by
@@ -20,18 +20,24 @@ import torch
 
 from crsam.cifar import CifarData, augment, normalize
 from crsam.data import Dataset
+from crsam.imagefolder import ImageFolderData
 
 # Zero padding of the random crop, in pixels on every side, as in the standard CIFAR recipe.
 CROP_PADDING = 4
+
+# Data sets held as uint8 images (N, 3, H, W) and augmented batch by batch.
+IMAGE_DATA_TYPES = (CifarData, ImageFolderData)
 
 
 class TrainingData:
     """The training and test split of a data set, on ``device``, with their batch transformations."""
 
-    def __init__(self, data: Dataset | CifarData, *, device: torch.device, cutout: int | None = None) -> None:
+    def __init__(
+        self, data: Dataset | CifarData | ImageFolderData, *, device: torch.device, cutout: int | None = None
+    ) -> None:
         self.source = data
         self.device = device
-        self.is_image_data = isinstance(data, CifarData)
+        self.is_image_data = isinstance(data, IMAGE_DATA_TYPES)
         self.cutout = cutout or 0
         self.x_train = data.x_train.to(device)
         self.y_train = data.y_train.to(device)
@@ -83,7 +89,7 @@ class TrainingData:
         return self.model_inputs if self.is_image_data else None
 
 
-def cifar_as_float_dataset(data: CifarData) -> Dataset:
+def cifar_as_float_dataset(data: CifarData | ImageFolderData) -> Dataset:
     """Return ``data`` as a ``Dataset`` of normalized float32 images on the CPU, as evaluation uses them.
 
     Certificates and curvature measurements of a checkpoint read inputs as they are, so they get

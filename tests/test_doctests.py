@@ -5,7 +5,10 @@ import importlib
 
 import pytest
 
-MODULES = ["crsam.optim", "crsam.curvature.trace", "crsam.certificate.gaussian", "crsam.certificate.montecarlo"]
+MODULES = [
+    "crsam.optim", "crsam.curvature.trace", "crsam.certificate.gaussian", "crsam.certificate.montecarlo",
+    "crsam.imagefolder",
+]
 
 
 @pytest.mark.parametrize("module_name", MODULES)

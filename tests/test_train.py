@@ -234,7 +234,7 @@ def test_sgd_drops_sharpness_options():
         ({"optimizer": "sgd", "rho": 0.1}, r"--rho 0.1 has no effect with --optimizer sgd; drop --rho or pass --optimizer sam or crsam"),
         ({"optimizer": "sam", "beta": 0.1}, r"--beta 0.1 has no effect with --optimizer sam; drop --beta or pass --optimizer crsam"),
         ({"model": "resnet18"}, r"--model resnet18 takes 3x32x32 images, but --data mnist1d has sequences of length 40; "
-                                r"pass --model mlp or cnn1d, or --data cifar10 or cifar100 with --data-dir"),
+                                r"pass --model mlp or cnn1d, or --data cifar10, cifar100 or imagefolder with --data-dir"),
         ({"data": "cifar100"}, r"--model mlp takes MNIST-1D sequences, not the images of --data cifar100; "
                                r"pass --model resnet18, resnet50, wrn28_10, vit"),
         ({"data": "cifar10", "model": "cnn1d"}, r"--model cnn1d takes MNIST-1D sequences"),

@@ -215,5 +215,5 @@ def test_invalid_image_options(changes, message):
 
 
 def test_cutout_rejected_for_mnist1d():
-    with pytest.raises(UsageError, match=r"--cutout applies to CIFAR images only; drop it for --data mnist1d"):
+    with pytest.raises(UsageError, match=r"--cutout applies to image data only; drop it for --data mnist1d"):
         resolve_options({"cutout": 16})
