@@ -19,7 +19,7 @@ class _RandomState:
     """Snapshot of torch's global generators: the CPU one and every initialized CUDA device.
 
     NOTE: Python's ``random`` and numpy's generators are not captured, so a closure that draws
-    from them (data augmentation, say) sees different draws in each pass. Draw those outside.
+    from them (data augmentation, say) gets different draws in each pass. Draw those outside.
     """
 
     def __init__(self) -> None:

@@ -28,6 +28,7 @@ import struct
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,13 +97,23 @@ def save_checkpoint(payload: dict, path: str | os.PathLike) -> None:
             "lists, tuples or dicts so that torch.load(weights_only=True) can read the checkpoint"
         )
 
-    path = Path(path)
+    _write_atomic(Path(path), "wb", lambda handle: torch.save(payload, handle))
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``, like ``save_checkpoint``."""
+    _write_atomic(Path(path), "w", lambda handle: handle.write(text))
+
+
+def _write_atomic(path: Path, mode: str, write: Callable[[Any], Any]) -> None:
+    """Call ``write`` on a temporary file beside ``path``, fsync it and rename it over ``path``."""
     folder = path.parent
     descriptor, temp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     try:
         _set_file_mode(descriptor, path)
-        with os.fdopen(descriptor, "wb") as handle:
-            torch.save(payload, handle)
+        encoding = None if "b" in mode else "utf-8"
+        with os.fdopen(descriptor, mode, encoding=encoding) as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp_name, path)
@@ -114,26 +125,6 @@ def save_checkpoint(payload: dict, path: str | os.PathLike) -> None:
             pass
         raise
     _fsync_folder(folder)
-
-
-def write_text_atomic(text: str, path: str | os.PathLike) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``, like ``save_checkpoint``."""
-    path = Path(path)
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        _set_file_mode(descriptor, path)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        try:
-            os.unlink(temp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_folder(path.parent)
 
 
 def _set_file_mode(descriptor: int, path: Path) -> None:

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crsam.cifar import channel_mean_std
+from crsam.cifar import CifarData, channel_mean_std
 from crsam.data import hash_tensors
 from crsam.errors import UsageError
 
@@ -64,7 +64,7 @@ LAYOUT = "ROOT/train/CLASS/IMAGE and ROOT/val/CLASS/IMAGE (or ROOT/test/CLASS/IM
 
 
 @dataclass(frozen=True)
-class ImageFolderData:
+class ImageFolderData(CifarData):
     """An image-folder data set in memory: uint8 images (N, 3, S, S), int64 labels, statistics and hash.
 
     ``mean`` and ``std`` are the per-channel mean and population standard deviation of the
@@ -73,37 +73,9 @@ class ImageFolderData:
     image size and the Pillow version that decoded the images.
     """
 
-    name: str
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    num_classes: int
-    class_names: tuple[str, ...]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    sha256: str
-    source: dict
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """Shape of one image, (channels, height, width)."""
-        return tuple(self.x_train.shape[1:])
-
     def describe(self) -> dict:
         """Return the data set's name, sizes, class names, statistics, hash and source as plain data."""
-        return {
-            "name": self.name,
-            "n_train": int(self.y_train.numel()),
-            "n_test": int(self.y_test.numel()),
-            "num_classes": self.num_classes,
-            "class_names": list(self.class_names),
-            "input_shape": list(self.input_shape),
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "sha256": self.sha256,
-            "source": dict(self.source),
-        }
+        return {**super().describe(), "class_names": list(self.class_names)}
 
 
 def import_pillow():

@@ -418,11 +418,11 @@ def _check_parallel_options(config: dict[str, Any]) -> None:
             f"drop --parallel for --optimizer {config['optimizer']}"
         )
     conflicts = [
-        ("accumulation_steps", (config.get("accumulation_steps") or 1) > 1, "--accumulation-steps"),
-        ("amp", config.get("amp") is not None, "--amp"),
-        ("compile", bool(config.get("compile")), "--compile"),
+        ((config.get("accumulation_steps") or 1) > 1, "--accumulation-steps"),
+        (config.get("amp") is not None, "--amp"),
+        (bool(config.get("compile")), "--compile"),
     ]
-    for _, present, flag in conflicts:
+    for present, flag in conflicts:
         if present:
             # The batched passes call the model through torch.func.functional_call under vmap, on
             # the whole batch in float32, so micro-batches, autocast and compiled modules are not
@@ -931,8 +931,8 @@ def _run_epoch(state: RunState) -> dict[str, Any]:
     if not per_step:
         state.scheduler.step()
 
-    # Metrics at the weights w that the checkpoint will hold. The BatchNorm running statistics
-    # differ per rank after DDP training, and the checkpoint holds rank 0's, so every rank takes those.
+    # Metrics at the weights w that the checkpoint will store. The BatchNorm running statistics
+    # differ per rank after DDP training, and the checkpoint stores rank 0's, so every rank takes those.
     distributed.broadcast_buffers(state.model)
     data = state.device_data
     train_loss, train_acc = evaluate(state.model, data.x_train, data.y_train, transform=data.input_transform)
@@ -1107,7 +1107,7 @@ def _resume_state(options: dict[str, Any], out: Path) -> RunState:
 def _check_schedule_position(
     scheduler: torch.optim.lr_scheduler.LRScheduler, config: dict[str, Any], epoch: int, num_train: int, path: Path
 ) -> None:
-    """Raise UsageError unless the restored schedule stands where ``epoch`` completed epochs put it.
+    """Raise UsageError unless the restored schedule is at the step that ``epoch`` completed epochs reach.
 
     The schedule advances once per epoch, or once per step with warmup. A state from another
     epoch would train the remaining epochs at the wrong learning rates without any error.
@@ -1387,7 +1387,7 @@ def _check_initial_prior(config: dict[str, Any], data: Any, prior: dict[str, Any
             raise UsageError(
                 f"checkpoint {str(path)!r} is invalid: its prior centre ({name!r}) differs from the initial "
                 f"weights of seed {prior.get('seed', config['seed'])}, so a bound against it would not be valid; "
-                "pass a checkpoint that 'crsam train' wrote, or train again"
+                "pass a checkpoint that 'crsam train' wrote with this crsam and torch version, or train again"
             )
 
 

@@ -116,9 +116,9 @@ def test_metrics_finite_and_world_size(runs, optimizer):
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_metrics_match_checkpoint(runs, monkeypatch, optimizer):
-    # The ranks' BatchNorm running statistics differ after training, and the checkpoint holds
+    # The ranks' BatchNorm running statistics differ after training, and the checkpoint stores
     # rank 0's. Every rank must evaluate with rank 0's statistics, or the metrics describe no
-    # model that the checkpoint holds. Both runs evaluate the same batches of 4 images with one
+    # model that the checkpoint stores. Both runs evaluate the same batches of 4 images with one
     # thread, so each batch's float32 loss sum is the same, and only the order of the float64
     # additions differs. A float64 sum of 6 positive terms is within 5u of the exact sum
     # (u = 2**-53), so two orders differ by at most 10u, and the division by the count adds 2u.

@@ -276,7 +276,7 @@ def test_local_perturbation_reaches_optimizer():
 
 
 def test_resume_cuda_run_on_cpu(tmp_path, monkeypatch):
-    """A run stored with --device cuda resumes on the CPU with --device cpu, and says so without it."""
+    """A run stored with --device cuda resumes with --device cpu, and without it the error names that flag."""
     from crsam.checkpoint import save_checkpoint
 
     out = tmp_path / "run"
