@@ -16,7 +16,8 @@ of ``crsam.models`` (batch 128 of 40 features) and the CIFAR ResNet-18 of
 ``crsam.vision_models`` (batch 32 of random 3x32x32 images), all on the CPU with one thread.
 Run:
 
-    python benchmarks/bench_optimizer.py [--repeats 15] [--steps 10] [--resnet-repeats 5] [--clock cpu] [--json]
+    python benchmarks/bench_optimizer.py [--repeats 15] [--steps 10] [--resnet-repeats 5] [--clock cpu]
+        [--models mlp cnn1d resnet18] [--json]
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from crsam.optim import CRSAM, SAM, FunctionalClosure
 from crsam.vision_models import build_vision_model
 
 RHO, ALPHA, BETA = 0.05, 0.1, 0.01
+MODELS = ("mlp", "cnn1d", "resnet18")
 SGD_ARGS = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-3}
 
 
@@ -254,6 +256,9 @@ def main() -> None:
     parser.add_argument("--resnet-repeats", type=int, default=5, help="interleaved repeats of one step for ResNet-18")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="process CPU time or wall clock [cpu]")
     parser.add_argument("--batch-size", type=int, default=128, help="MNIST-1D batch size")
+    parser.add_argument(
+        "--models", nargs="+", choices=MODELS, default=list(MODELS), help="models to time [all: mlp cnn1d resnet18]"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of Markdown tables")
     args = parser.parse_args()
     for flag in ("repeats", "steps", "resnet_repeats", "batch_size"):
@@ -267,13 +272,16 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 40)
     y = torch.randint(0, 10, (args.batch_size,))
-    results = [
-        measure(name, build_model(name, activation="gelu"), x, y, args.repeats, args.steps, args.clock)
-        for name in ("mlp", "cnn1d")
-    ]
     images = torch.randn(32, 3, 32, 32)
     labels = torch.randint(0, 10, (32,))
-    results.append(measure("resnet18", build_vision_model("resnet18"), images, labels, args.resnet_repeats, 1, args.clock))
+    results = []
+    for name in args.models:
+        if name == "resnet18":
+            model = build_vision_model("resnet18")
+            results.append(measure(name, model, images, labels, args.resnet_repeats, 1, args.clock))
+        else:
+            model = build_model(name, activation="gelu")
+            results.append(measure(name, model, x, y, args.repeats, args.steps, args.clock))
 
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs",

@@ -176,11 +176,11 @@ def test_parallel_keeps_stacked_buffers():
     closure = FunctionalClosure(model, nn.functional.cross_entropy, x, y)
 
     optimizer.step(closure, parallel=True)
-    first = {key: record.stacked.data_ptr() for key, record in optimizer._param_buffers.items()}
+    first = {key: record.stacked.data_ptr() for key, record in optimizer._storage.records.items()}
     optimizer.step(closure, parallel=True)
 
     assert len(first) == len(list(model.parameters()))
-    assert {key: record.stacked.data_ptr() for key, record in optimizer._param_buffers.items()} == first
+    assert {key: record.stacked.data_ptr() for key, record in optimizer._storage.records.items()} == first
 
 
 def test_parallel_with_frozen_parameter_and_groups():
