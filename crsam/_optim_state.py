@@ -23,34 +23,25 @@ class _RandomState:
     """
 
     def __init__(self) -> None:
-        self.cpu = torch.get_rng_state()
+        # The generator's own methods, which torch.get_rng_state and torch.set_rng_state wrap.
+        self.cpu = torch.default_generator.get_state()
         self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
 
     def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
+        torch.default_generator.set_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
 def _tracked_norm_buffers(model: nn.Module) -> list[Tensor]:
-    """Return the running statistics and batch counters of a model's normalization layers.
-
-    The walk over ``_modules`` does what ``model.modules()`` does without building the dotted
-    names, which made it several times slower; it runs once per step.
-    """
-    buffers: list[Tensor] = []
-    pending = [model]
-    seen: set[int] = set()
-    while pending:
-        module = pending.pop()
-        if id(module) in seen:
+    """Return the running statistics and batch counters of a model's normalization layers."""
+    buffers = []
+    for module in model.modules():
+        if not (isinstance(module, _NormBase) and module.track_running_stats):
             continue
-        seen.add(id(module))
-        if isinstance(module, _NormBase) and module.track_running_stats:
-            for buffer in (module.running_mean, module.running_var, module.num_batches_tracked):
-                if buffer is not None:
-                    buffers.append(buffer)
-        pending.extend(child for child in module._modules.values() if child is not None)
+        for buffer in (module.running_mean, module.running_var, module.num_batches_tracked):
+            if buffer is not None:
+                buffers.append(buffer)
     return buffers
 
 

@@ -221,3 +221,103 @@ def test_cuda_step_synchronizes_once(optimizer_class):
         torch.cuda.set_sync_debug_mode(previous)
 
     assert len([w for w in caught if "synchroniz" in str(w.message)]) == 1
+
+
+def run_steps(optimizer_class, closure_style: str, steps: int = 3, **kwargs) -> list[torch.Tensor]:
+    """Train make_model() for a few steps and return the final weights."""
+    model = make_model()
+    x, y = make_batch()
+    optimizer = optimizer_class(model.parameters(), torch.optim.SGD, model=model, **SGD_ARGS, **kwargs)
+
+    def closure():
+        if closure_style == "set_to_none":
+            optimizer.zero_grad()
+        elif closure_style == "zero_in_place":
+            optimizer.zero_grad(set_to_none=False)
+        else:
+            model.zero_grad(set_to_none=False)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        optimizer.step(closure)
+    return [param.detach().clone() for param in model.parameters()]
+
+
+@pytest.mark.parametrize("optimizer_class", [SAM, CRSAM])
+@pytest.mark.parametrize("closure_style", ["zero_in_place", "module_zero_in_place"])
+def test_closure_zeroing_in_place_gives_the_same_steps(optimizer_class, closure_style):
+    # CR-SAM keeps g0 and g+ in the tensors autograd allocated. A closure that zeroes .grad in
+    # place must not reach them, and the direction handed to .grad must not be a tensor that the
+    # next step writes into. Same operations on the same values: the weights must be equal.
+    expected = run_steps(optimizer_class, "set_to_none")
+    found = run_steps(optimizer_class, closure_style)
+    for a, b in zip(expected, found):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("optimizer_class", [SAM, CRSAM])
+def test_small_and_large_tensor_paths_agree_exactly(optimizer_class, monkeypatch):
+    # Small tensors move the weights with a foreach copy and addcdiv, large ones with one addcdiv
+    # per tensor into the weights: the same arithmetic, so the results must be bit for bit equal.
+    from crsam._optim_state import _StepStorage
+
+    monkeypatch.setattr(_StepStorage, "SMALL_TENSOR_BYTES", 0)
+    large = run_steps(optimizer_class, "set_to_none")
+    monkeypatch.setattr(_StepStorage, "SMALL_TENSOR_BYTES", 2**40)
+    small = run_steps(optimizer_class, "set_to_none")
+    for a, b in zip(large, small):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("optimizer_class", [SAM, CRSAM])
+def test_weight_copies_follow_new_parameter_data(optimizer_class):
+    # The copies of w are reused while each parameter keeps its storage. New data of another
+    # dtype must get new copies: a stale float32 copy would round the restored float64 weights.
+    model = make_model()
+    x, y = make_batch()
+    optimizer = optimizer_class(model.parameters(), torch.optim.SGD, model=model, lr=0.0)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x).double(), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    for param in model.parameters():
+        param.data = param.data.double() + 1e-12
+    model[1].double()
+    before = [param.detach().clone() for param in model.parameters()]
+    x = x.double()
+    optimizer.step(closure)
+
+    # With lr = 0 the step restores w exactly and leaves it there.
+    for param, saved in zip(model.parameters(), before):
+        assert param.dtype == torch.float64
+        assert torch.equal(param.detach(), saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_coefficient_tensor_rounds_like_the_python_number(dtype):
+    from crsam._optim_state import _Coefficients
+
+    generator = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(50, generator=generator).to(dtype) for _ in range(3)]
+    for value in (1.11, 0.09, -0.2, 1.0 + 0.3 + 0.04, 1e-3):
+        by_number = [t.clone() for t in tensors]
+        torch._foreach_mul_(by_number, value)
+        by_tensor = [t.clone() for t in tensors]
+        coefficient = _Coefficients().like(value, by_tensor)
+        assert isinstance(coefficient, torch.Tensor)
+        torch._foreach_mul_(by_tensor, coefficient)
+        for a, b in zip(by_number, by_tensor):
+            assert torch.equal(a, b), (dtype, value)
+
+
+def test_coefficient_falls_back_to_the_number_for_mixed_dtypes():
+    from crsam._optim_state import _Coefficients
+
+    tensors = [torch.ones(3), torch.ones(3, dtype=torch.float64)]
+    assert _Coefficients().like(1.11, tensors) == 1.11
