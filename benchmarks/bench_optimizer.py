@@ -6,6 +6,8 @@ optimizer's own work: norms, perturbation, save and restore, combination. The be
 times a straightforward sequential implementation, written below as the baseline, that clones
 gradients and rebuilds the weights by +e, -2e, +e arithmetic in Python loops over the
 parameters, as much research code does, and CR-SAM's batched passes (``parallel=True``).
+A last variant runs only the tensor operations of crsam's CR-SAM step, with none of its checks
+and restores, to show how much of crsam's overhead those operations themselves cost.
 
 Each repeat times every variant once, in turn, so a slow moment of the machine hits all variants
 alike. The figures are medians over repeats of per-repeat ratios and differences against the
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 
 from crsam.models import build_model
+from crsam._optim_state import _StepStorage
 from crsam.optim import CRSAM, SAM, FunctionalClosure
 from crsam.vision_models import build_vision_model
 
@@ -90,6 +93,61 @@ class NaiveCRSAM:
         self.base.step()
 
 
+class OperationsOnly:
+    """The tensor operations of CR-SAM's step in crsam, with nothing else around them.
+
+    Same foreach operations on the same buffers as ``crsam.optim.CRSAM``, including its choice
+    between the small-tensor and the large-tensor way of moving the weights, without the random-state and normalization-statistics restores, the finiteness check,
+    the bookkeeping of parameter groups and the base optimizer wrapper. Its overhead above the
+    floor is what these operations cost, so the difference to crsam's is the cost of the rest.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = [p for p in model.parameters()]
+        self.base = torch.optim.SGD(self.params, **SGD_ARGS)
+        self.weights = [torch.empty_like(p) for p in self.params]
+        self.scale = torch.tensor(1.0 + ALPHA + BETA)
+        total_bytes = sum(p.numel() * p.element_size() for p in self.params)
+        self.small = total_bytes <= _StepStorage.SMALL_TENSOR_BYTES * len(self.params)
+
+    def take(self) -> list[torch.Tensor]:
+        grads = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        return grads
+
+    @torch.no_grad()
+    def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        with torch.enable_grad():
+            self.base.zero_grad()
+            forward_backward(model, x, y)
+        g0 = self.take()
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g0))).clamp_(min=1e-38)
+        norms = [norm] * len(g0)
+        torch._foreach_copy_(self.weights, self.params)
+        torch._foreach_addcdiv_(self.params, g0, norms, value=RHO)
+        with torch.enable_grad():
+            self.base.zero_grad()
+            forward_backward(model, x, y)
+        g_plus = self.take()
+        if self.small:
+            torch._foreach_copy_(self.params, self.weights)
+            torch._foreach_addcdiv_(self.params, g0, norms, value=-RHO)
+        else:
+            for p, w, g in zip(self.params, self.weights, g0):
+                torch.addcdiv(w, g, norm, value=-RHO, out=p)
+        with torch.enable_grad():
+            self.base.zero_grad()
+            forward_backward(model, x, y)
+        torch._foreach_copy_(self.params, self.weights)
+        torch._foreach_mul_(g_plus, self.scale)
+        torch._foreach_add_(g_plus, [p.grad for p in self.params], alpha=ALPHA - BETA)
+        torch._foreach_add_(g_plus, g0, alpha=-2 * ALPHA)
+        for p, d in zip(self.params, g_plus):
+            p.grad = d
+        self.base.step()
+
+
 def make_variants(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Callable[[], object]]:
     """Return one step function per variant, all on the same model and batch."""
     base = torch.optim.SGD(model.parameters(), **SGD_ARGS)
@@ -98,6 +156,7 @@ def make_variants(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[st
     sam = SAM(model.parameters(), torch.optim.SGD, rho=RHO, model=model, **SGD_ARGS)
     naive_crsam = NaiveCRSAM(model, sam_only=False)
     naive_sam = NaiveCRSAM(model, sam_only=True)
+    operations_only = OperationsOnly(model)
     functional_closure = FunctionalClosure(model, nn.functional.cross_entropy, x, y)
 
     def floor(passes: int) -> Callable[[], None]:
@@ -120,6 +179,7 @@ def make_variants(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[st
         "floor_crsam": floor(3),
         "crsam": wrapped(crsam),
         "naive_crsam": lambda: naive_crsam.step(model, x, y),
+        "operations_crsam": lambda: operations_only.step(model, x, y),
         "crsam_parallel": lambda: crsam_batched.step(functional_closure, parallel=True),
         "floor_sam": floor(2),
         "sam": wrapped(sam),
@@ -184,6 +244,7 @@ def measure(
         "parallel_over_sequential": ratios("crsam_parallel", "crsam"),
         "crsam_overhead_ms": [1e3 * v for v in quartiles(overheads("crsam", "floor_crsam"))],
         "naive_crsam_overhead_ms": [1e3 * v for v in quartiles(overheads("naive_crsam", "floor_crsam"))],
+        "operations_crsam_overhead_ms": [1e3 * v for v in quartiles(overheads("operations_crsam", "floor_crsam"))],
         "sam_overhead_ms": [1e3 * v for v in quartiles(overheads("sam", "floor_sam"))],
         "naive_sam_overhead_ms": [1e3 * v for v in quartiles(overheads("naive_sam", "floor_sam"))],
         "crsam_overhead_share_of_naive": overhead_share("crsam"),
@@ -225,13 +286,17 @@ def print_markdown(report: dict) -> None:
     print()
     print("Overhead above the floor in ms, median [first quartile, third quartile] of per-repeat differences:")
     print()
-    print("| model | CR-SAM | baseline CR-SAM | SAM | baseline SAM |")
-    print("|---|---|---|---|---|")
+    print("| model | CR-SAM | CR-SAM operations only | baseline CR-SAM | SAM | baseline SAM |")
+    print("|---|---|---|---|---|---|")
+    keys = (
+        "crsam_overhead_ms",
+        "operations_crsam_overhead_ms",
+        "naive_crsam_overhead_ms",
+        "sam_overhead_ms",
+        "naive_sam_overhead_ms",
+    )
     for r in report["results"]:
-        cells = [
-            format_milliseconds(r[key])
-            for key in ("crsam_overhead_ms", "naive_crsam_overhead_ms", "sam_overhead_ms", "naive_sam_overhead_ms")
-        ]
+        cells = [format_milliseconds(r[key]) for key in keys]
         print(f"| {r['model']} | " + " | ".join(cells) + " |")
 
     print()

@@ -33,16 +33,39 @@ class _RandomState:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
-def _tracked_norm_buffers(model: nn.Module) -> list[Tensor]:
-    """Return the running statistics and batch counters of a model's normalization layers."""
-    buffers = []
-    for module in model.modules():
-        if not (isinstance(module, _NormBase) and module.track_running_stats):
-            continue
-        for buffer in (module.running_mean, module.running_var, module.num_batches_tracked):
-            if buffer is not None:
-                buffers.append(buffer)
-    return buffers
+class _NormLayers:
+    """The model's normalization layers, found by walking its module tree only when it changed.
+
+    The tree is described exactly by each module's children, so the walk is repeated when the
+    model or any child of a module found by the last walk is another object. Comparing the
+    children's identities costs a third of walking the tree with ``model.modules()``. Buffers are
+    read from the layers at every step, so buffers that ``model.to()`` replaces are followed.
+    """
+
+    def __init__(self) -> None:
+        self.model: nn.Module | None = None
+        self.modules: list[nn.Module] = []
+        self.children: list[int] = []
+        self.layers: list[_NormBase] = []
+
+    @staticmethod
+    def _children(modules: list[nn.Module]) -> list[int]:
+        return [id(child) for module in modules for child in module._modules.values()]
+
+    def buffers(self, model: nn.Module) -> list[Tensor]:
+        """Return the running statistics and batch counters of the model's normalization layers."""
+        if model is not self.model or self._children(self.modules) != self.children:
+            self.model = model
+            self.modules = list(model.modules())
+            self.children = self._children(self.modules)
+            self.layers = [module for module in self.modules if isinstance(module, _NormBase)]
+        buffers = []
+        for layer in self.layers:
+            if layer.track_running_stats:
+                for buffer in (layer.running_mean, layer.running_var, layer.num_batches_tracked):
+                    if buffer is not None:
+                        buffers.append(buffer)
+        return buffers
 
 
 class _NormBuffers:
@@ -55,13 +78,17 @@ class _NormBuffers:
 
     def __init__(self) -> None:
         self.pairs: list[tuple[Tensor, Tensor]] = []
+        self.layers = _NormLayers()
 
     def save(self, model: nn.Module | None) -> None:
         if model is None:
             return
+        buffers = self.layers.buffers(model)
+        if not buffers and not self.pairs:
+            return
         saved = {id(buffer): copy for buffer, copy in self.pairs}
         pairs = []
-        for buffer in _tracked_norm_buffers(model):
+        for buffer in buffers:
             copy = saved.get(id(buffer))
             if copy is None or copy.shape != buffer.shape or copy.dtype != buffer.dtype or copy.device != buffer.device:
                 copy = torch.empty_like(buffer)
@@ -105,14 +132,33 @@ def _fits(buffer: Tensor | None, param: Tensor) -> bool:
     )
 
 
+class _WeightCopies:
+    """Copies of one group's weights and what a step needs to know about the parameters.
+
+    ``pointers``: the parameters' data pointers when the copies were made. ``small``: whether
+    the tensors average at most ``_StepStorage.SMALL_TENSOR_BYTES``. ``dtype`` and ``device``:
+    shared by all parameters (and so by their gradients), or None when they differ.
+    """
+
+    __slots__ = ("pointers", "copies", "small", "dtype", "device")
+
+    def __init__(self, params: list[Tensor], pointers: list[int], copies: list[Tensor]) -> None:
+        self.pointers = pointers
+        self.copies = copies
+        total_bytes = sum(param.numel() * param.element_size() for param in params)
+        self.small = total_bytes <= _StepStorage.SMALL_TENSOR_BYTES * len(params)
+        uniform = all(p.dtype == params[0].dtype and p.device == params[0].device for p in params)
+        self.dtype = params[0].dtype if uniform else None
+        self.device = params[0].device if uniform else None
+
+
 class _StepStorage:
     """The optimizer's persistent working tensors: per-parameter records and lists of weight copies.
 
-    ``weights`` maps a group's index to the data pointers of its parameters when the copies were
-    made, the copies, and whether the tensors are small (see :meth:`_GroupBuffers.weights`). A
-    step compares the pointers, one C call per parameter, instead of checking each copy's shape,
-    dtype and device: a parameter that moves, changes dtype or is given new data
-    (``param.data = ...``) gets new storage, and with it new copies.
+    ``weights`` maps a group's index to its :class:`_WeightCopies`. A step compares the data
+    pointers of the parameters, one C call each, instead of checking each copy's shape, dtype and
+    device: a parameter that moves, changes dtype or is given new data (``param.data = ...``)
+    gets new storage, and with it new copies.
     """
 
     # Average bytes per tensor up to which a step prefers one more pass over the memory to one
@@ -121,7 +167,7 @@ class _StepStorage:
 
     def __init__(self) -> None:
         self.records: dict[int, _ParamBuffers] = {}
-        self.weights: dict[int, tuple[list[int], list[Tensor], bool]] = {}
+        self.weights: dict[int, _WeightCopies] = {}
 
     def record(self, param: Tensor) -> _ParamBuffers:
         record = self.records.get(id(param))
@@ -159,32 +205,24 @@ class _GroupBuffers:
         # The update direction, in tensors that the step owns: .grad itself, or gradients taken
         # from .grad, so that handing them to .grad needs no copy.
         self.direction: list[Tensor] = []
-        self._weights: tuple[list[Tensor], bool] | None = None
+        self._weights: _WeightCopies | None = None
 
-    def weights(self) -> tuple[list[Tensor], bool]:
-        """Return the persistent copies of the weights, and whether the tensors are small.
-
-        Copies that do not fit a parameter are allocated anew. The tensors count as small when
-        their average size is at most ``_StepStorage.SMALL_TENSOR_BYTES``.
-        """
+    def weights(self) -> _WeightCopies:
+        """Return the persistent copies of the weights; copies that do not fit are allocated anew."""
         if self._weights is not None:
             return self._weights
         pointers = [param.data_ptr() for param in self.params]
         cached = self.storage.weights.get(self.index)
-        if cached is not None and cached[0] == pointers:
-            self._weights = cached[1], cached[2]
-            return self._weights
-        copies = []
-        for param in self.params:
-            record = self.storage.record(param)
-            if not _fits(record.weights, param):
-                record.weights = torch.empty_like(param)
-            copies.append(record.weights)
-        total_bytes = sum(param.numel() * param.element_size() for param in self.params)
-        small = total_bytes <= _StepStorage.SMALL_TENSOR_BYTES * len(self.params)
-        self.storage.weights[self.index] = (pointers, copies, small)
-        self._weights = copies, small
-        return self._weights
+        if cached is None or cached.pointers != pointers:
+            copies = []
+            for param in self.params:
+                record = self.storage.record(param)
+                if not _fits(record.weights, param):
+                    record.weights = torch.empty_like(param)
+                copies.append(record.weights)
+            cached = self.storage.weights[self.index] = _WeightCopies(self.params, pointers, copies)
+        self._weights = cached
+        return cached
 
     def stacked(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Return the stacked leaves ``(2, *shape)`` and their two halves for batched passes."""
@@ -247,10 +285,9 @@ class _Coefficients:
     def __init__(self) -> None:
         self.tensors: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
 
-    def like(self, value: float, tensors: list[Tensor]) -> Tensor | float:
-        """Return ``value`` as a 0-dim tensor of the tensors' dtype and device, if they share both."""
-        dtype, device = tensors[0].dtype, tensors[0].device
-        if any(t.dtype != dtype or t.device != device for t in tensors):
+    def get(self, value: float, dtype: torch.dtype | None, device: torch.device | None) -> Tensor | float:
+        """Return ``value`` as a 0-dim tensor of that dtype and device; with None, the number itself."""
+        if dtype is None or device is None:
             return value
         key = (value, dtype, device)
         tensor = self.tensors.get(key)
@@ -259,6 +296,13 @@ class _Coefficients:
                 self.tensors.clear()
             tensor = self.tensors[key] = torch.full((), value, dtype=dtype, device=device)
         return tensor
+
+    def like(self, value: float, tensors: list[Tensor]) -> Tensor | float:
+        """Return ``value`` as a 0-dim tensor of the tensors' dtype and device, if they share both."""
+        dtype, device = tensors[0].dtype, tensors[0].device
+        if any(t.dtype != dtype or t.device != device for t in tensors):
+            return value
+        return self.get(value, dtype, device)
 
 
 class _Unscaler:

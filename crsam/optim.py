@@ -20,10 +20,12 @@ Guarantees that hold for both classes:
 * All hyperparameters live in ``param_groups``, which the base optimizer shares, so LR schedulers
   built on the wrapper drive the base optimizer and ``state_dict`` round-trips.
 * The optimizer's own work (norm, perturbation, save and restore, combination, clipping) runs as
-  ``torch._foreach_*`` operations, or one operation per tensor with ``out=`` where that saves a
-  pass over the memory, into buffers allocated on the first step and reused. It synchronizes the
-  host with the device once per step, in the finiteness check of the losses and the gradient
-  norm (with a GradScaler, the scaler's own overflow check instead).
+  ``torch._foreach_*`` operations, or, for large tensors, one operation per tensor with ``out=``
+  where that saves a pass over the memory. The only buffer is the copy of the weights, allocated
+  on the first step and reused; CR-SAM keeps each pass's gradient in the tensor that autograd
+  allocated for it and builds the update in place. It synchronizes the host with the device
+  once per step, in the finiteness check of the losses and the gradient norm (with a
+  GradScaler, the scaler's own overflow check instead).
 
 References:
     Foret, P., Kleiner, A., Mobahi, H., Neyshabur, B. (2021). Sharpness-Aware Minimization for
@@ -271,9 +273,9 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
         """Run the perturbed passes and leave the local direction in each group.
 
         Each group arrives with the clamped norm ``g.grad_norm = ||g0||``, ``g.grads`` = g0,
-        and the weights at ``w`` saved in
-        ``g.weights()``. ``run()`` calls the closure where the weights are and returns
-        the loss. Each subclass sets ``g.direction`` to its update direction, in which the
+        and the weights at ``w`` saved in ``g.weights()``. ``run()`` calls the closure where the
+        weights are and returns the loss. Each subclass sets ``g.direction`` to its update
+        direction, in tensors the step owns, in which the
         gradient at ``w`` (the only one that may already be averaged over processes) enters
         through :meth:`_add_gradient_at_w`: after the all-reduce with the global perturbation,
         before it with the local one.
@@ -322,7 +324,8 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
     def _move(self, groups: list[_GroupBuffers], sign: float) -> None:
         """Set the weights to ``w + sign * eps`` from the saved copy of ``w``."""
         for g in groups:
-            self._write_perturbed(g.params, g, sign, *g.weights())
+            copies = g.weights()
+            self._write_perturbed(g.params, g, sign, copies.copies, copies.small)
 
     @torch.no_grad()
     def step(  # type: ignore[override]
@@ -467,7 +470,7 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
         """Run the perturbed passes one closure call at a time; restore w, RNG and statistics."""
         self._norm_buffers.save(self.model)
         for g in groups:
-            torch._foreach_copy_(g.weights()[0], g.params)
+            torch._foreach_copy_(g.weights().copies, g.params)
 
         def run() -> Tensor | float:
             random_before.restore()
@@ -488,7 +491,7 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
             return [loss_at_w, *self._perturbed_passes(groups, run)]
         finally:
             for g in groups:
-                torch._foreach_copy_(g.params, g.weights()[0])
+                torch._foreach_copy_(g.params, g.weights().copies)
             random_after.restore()
             self._norm_buffers.restore()
 
@@ -767,14 +770,23 @@ class CRSAM(_SharpnessAwareOptimizer):
         self._scratch_buffers: dict[int, tuple[Tensor, Tensor]] = {}
         self._coefficients = _Coefficients()
 
-    def _combine_perturbed(self, g: _GroupBuffers, grads_plus: list[Tensor], grads_minus: list[Tensor]) -> None:
+    def _combine_perturbed(
+        self, g: _GroupBuffers, grads_plus: list[Tensor], grads_minus: list[Tensor], uniform: bool
+    ) -> None:
         """Set the direction to (1 + alpha + beta) g+ + (alpha - beta) g-, written into g+.
 
         :meth:`_add_gradient_at_w` adds the last term, -2 alpha g0. ``grads_plus`` must be
         tensors the step owns, since the direction is handed to ``.grad`` without a copy.
+        ``uniform``: take the gradients' dtype and device from ``g.weights()``, where the
+        parameters' were recorded; otherwise they are checked here.
         """
         alpha, beta = float(g.group["alpha"]), float(g.group["beta"])
-        torch._foreach_mul_(grads_plus, self._coefficients.like(1.0 + alpha + beta, grads_plus))
+        if uniform:
+            copies = g.weights()
+            coefficient = self._coefficients.get(1.0 + alpha + beta, copies.dtype, copies.device)
+        else:
+            coefficient = self._coefficients.like(1.0 + alpha + beta, grads_plus)
+        torch._foreach_mul_(grads_plus, coefficient)
         if alpha != beta:
             torch._foreach_add_(grads_plus, grads_minus, alpha=alpha - beta)
         g.direction = grads_plus
@@ -792,7 +804,7 @@ class CRSAM(_SharpnessAwareOptimizer):
         self._move(groups, -1.0)
         loss_minus = run()
         for g, plus in zip(groups, grads_plus):
-            self._combine_perturbed(g, plus, g.current_grads())
+            self._combine_perturbed(g, plus, g.current_grads(), uniform=True)
         return [loss_plus, loss_minus]
 
     def _parallel_passes(self, groups: list[_GroupBuffers], closure: FunctionalClosure) -> list[Tensor]:
@@ -834,7 +846,7 @@ class CRSAM(_SharpnessAwareOptimizer):
         for g in groups:
             group_grads = grads[offset : offset + len(g.params)]
             offset += len(g.params)
-            self._combine_perturbed(g, [grad[0] for grad in group_grads], [grad[1] for grad in group_grads])
+            self._combine_perturbed(g, [grad[0] for grad in group_grads], [grad[1] for grad in group_grads], uniform=False)
         losses = losses.detach()
         return [losses[0], losses[1]]
 

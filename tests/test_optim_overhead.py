@@ -321,3 +321,42 @@ def test_coefficient_falls_back_to_the_number_for_mixed_dtypes():
 
     tensors = [torch.ones(3), torch.ones(3, dtype=torch.float64)]
     assert _Coefficients().like(1.11, tensors) == 1.11
+
+
+@pytest.mark.parametrize("optimizer_class", [SAM, CRSAM])
+@pytest.mark.parametrize("change", ["setitem", "insert", "delete"])
+def test_normalization_layers_followed_when_the_model_changes(optimizer_class, change):
+    # The normalization layers are looked up again only when the module tree changed. Layers that
+    # arrive after some steps, by assignment or by Sequential.insert (which writes _modules
+    # directly), must end each step as the pass at w alone leaves them.
+    import copy
+
+    model = make_model()
+    x, y = make_batch()
+    optimizer = optimizer_class(model.parameters(), torch.optim.SGD, model=model, **SGD_ARGS)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    if change == "setitem":
+        model[2] = nn.Sequential(nn.BatchNorm1d(8, affine=False), nn.Tanh())
+    elif change == "insert":
+        model.insert(2, nn.BatchNorm1d(8, affine=False))
+    else:
+        del model[1]
+        model.insert(1, nn.BatchNorm1d(8, affine=False))
+    reference = copy.deepcopy(model)
+    optimizer.step(closure)
+    reference(x)
+
+    # Every running statistic and batch counter, of the new layer and of the old ones, must be
+    # what one forward pass at w leaves.
+    expected = dict(reference.named_buffers())
+    found = dict(model.named_buffers())
+    assert found.keys() == expected.keys() and len(found) >= 3
+    for name, buffer in found.items():
+        assert torch.equal(buffer, expected[name]), name
