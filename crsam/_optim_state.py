@@ -109,14 +109,16 @@ class _ParamBuffers:
     """Working tensors of one parameter, allocated on first use and reused by every step.
 
     ``weights`` is the saved w. ``stacked`` contains the two weight vectors ``w + eps`` and
-    ``w - eps`` of CR-SAM's batched passes along a new leading dimension. The gradients need no
-    buffers: a step keeps the tensors that autograd allocated for each pass.
+    ``w - eps`` of CR-SAM's batched passes along a new leading dimension, and ``direction`` the
+    part of their direction that comes from the batched gradients. The sequential passes need no
+    gradient buffers: a step keeps the tensors that autograd allocated for each pass.
     """
 
-    __slots__ = ("weights", "stacked", "stacked_plus", "stacked_minus")
+    __slots__ = ("weights", "direction", "stacked", "stacked_plus", "stacked_minus")
 
     def __init__(self) -> None:
         self.weights: Tensor | None = None
+        self.direction: Tensor | None = None
         self.stacked: Tensor | None = None
         self.stacked_plus: Tensor | None = None
         self.stacked_minus: Tensor | None = None
@@ -135,15 +137,16 @@ def _fits(buffer: Tensor | None, param: Tensor) -> bool:
 class _WeightCopies:
     """Copies of one group's weights and what a step needs to know about the parameters.
 
-    ``pointers``: the parameters' data pointers when the copies were made. ``small``: whether
+    ``key``: each parameter's data pointer, shape, dtype and device when the copies were made.
+    ``small``: whether
     the tensors average at most ``_StepStorage.SMALL_TENSOR_BYTES``. ``dtype`` and ``device``:
     shared by all parameters (and so by their gradients), or None when they differ.
     """
 
-    __slots__ = ("pointers", "copies", "small", "dtype", "device")
+    __slots__ = ("key", "copies", "small", "dtype", "device")
 
-    def __init__(self, params: list[Tensor], pointers: list[int], copies: list[Tensor]) -> None:
-        self.pointers = pointers
+    def __init__(self, params: list[Tensor], key: list[tuple[Any, ...]], copies: list[Tensor]) -> None:
+        self.key = key
         self.copies = copies
         total_bytes = sum(param.numel() * param.element_size() for param in params)
         self.small = total_bytes <= _StepStorage.SMALL_TENSOR_BYTES * len(params)
@@ -155,10 +158,10 @@ class _WeightCopies:
 class _StepStorage:
     """The optimizer's persistent working tensors: per-parameter records and lists of weight copies.
 
-    ``weights`` maps a group's index to its :class:`_WeightCopies`. A step compares the data
-    pointers of the parameters, one C call each, instead of checking each copy's shape, dtype and
-    device: a parameter that moves, changes dtype or is given new data (``param.data = ...``)
-    gets new storage, and with it new copies.
+    ``weights`` maps a group's index to its :class:`_WeightCopies`, which stay valid while every
+    parameter keeps its data pointer, shape, dtype and device. A parameter given new data
+    (``param.data = ...``, ``model.to(...)``), even a view that starts at the same address, gets
+    new copies.
     """
 
     # Average bytes per tensor up to which a step prefers one more pass over the memory to one
@@ -206,23 +209,35 @@ class _GroupBuffers:
         # from .grad, so that handing them to .grad needs no copy.
         self.direction: list[Tensor] = []
         self._weights: _WeightCopies | None = None
+        # Gradients taken from .grad without a copy, with their version counters at that time.
+        self.kept: list[tuple[Tensor, int]] = []
 
     def weights(self) -> _WeightCopies:
         """Return the persistent copies of the weights; copies that do not fit are allocated anew."""
         if self._weights is not None:
             return self._weights
-        pointers = [param.data_ptr() for param in self.params]
+        key = [(param.data_ptr(), param.shape, param.dtype, param.device) for param in self.params]
         cached = self.storage.weights.get(self.index)
-        if cached is None or cached.pointers != pointers:
+        if cached is None or cached.key != key:
             copies = []
             for param in self.params:
                 record = self.storage.record(param)
                 if not _fits(record.weights, param):
                     record.weights = torch.empty_like(param)
                 copies.append(record.weights)
-            cached = self.storage.weights[self.index] = _WeightCopies(self.params, pointers, copies)
+            cached = self.storage.weights[self.index] = _WeightCopies(self.params, key, copies)
         self._weights = cached
         return cached
+
+    def directions(self) -> list[Tensor]:
+        """Return the persistent direction buffers of the batched passes."""
+        buffers = []
+        for param in self.params:
+            record = self.storage.record(param)
+            if not _fits(record.direction, param):
+                record.direction = torch.empty_like(param)
+            buffers.append(record.direction)
+        return buffers
 
     def stacked(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Return the stacked leaves ``(2, *shape)`` and their two halves for batched passes."""
@@ -246,18 +261,27 @@ class _GroupBuffers:
             grads.append(torch.zeros_like(param) if grad is None else grad)
         return grads
 
-    def take_grads(self) -> list[Tensor]:
+    def take_grads(self, copy: bool) -> list[Tensor]:
         """Return the gradients the last pass left and detach them from the parameters.
 
         With ``.grad`` set to None, the next closure call cannot zero these tensors in place
         (``zero_grad(set_to_none=False)``) or add to them, and its backward pass allocates new
         gradients, as it would after the usual ``zero_grad()``. So the step keeps each pass's
-        gradient without copying it.
+        gradient without copying it. A closure that reuses its own tensors as ``.grad`` may
+        still write into them, which :meth:`kept_unchanged` detects. With ``copy`` the gradients
+        are cloned instead, for such closures.
         """
         grads = self.current_grads()
         for param in self.params:
             param.grad = None
+        if copy:
+            return [grad.clone() for grad in grads]
+        self.kept += [(grad, grad._version) for grad in grads]
         return grads
+
+    def kept_unchanged(self) -> bool:
+        """Return whether no kept gradient was written since it was taken (its version counter)."""
+        return all(grad._version == version for grad, version in self.kept)
 
 
 def _global_norm(tensors: list[Tensor]) -> Tensor:
@@ -274,20 +298,23 @@ def _global_norm(tensors: list[Tensor]) -> Tensor:
 class _Coefficients:
     """0-dim tensors holding the step's coefficients, one per value, dtype and device, reused.
 
-    A foreach multiplication by a 0-dim tensor of the operands' dtype gives the same values as a
-    multiplication by the Python number (which is rounded to that dtype as well) and ran about
-    three times faster on the CPU (torch 2.13: 4 us against 13 us for eight small tensors).
+    For float32 and float64 tensors, a foreach multiplication by a 0-dim tensor of the same dtype
+    gives the same values as a multiplication by the Python number, which is rounded to that
+    dtype as well. On the CPU it ran about three times faster (torch 2.13: 4 us against 13 us for
+    eight small tensors). Half-precision tensors get the Python number, because kernels may keep
+    it in float32 there.
     """
 
-    # Coefficients change only when a schedule changes alpha or beta; this bounds the cache.
+    # Coefficients change only when a schedule changes alpha or beta, so this bounds the cache.
     MAX_ENTRIES = 64
+    DTYPES = (torch.float32, torch.float64)
 
     def __init__(self) -> None:
         self.tensors: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
 
     def get(self, value: float, dtype: torch.dtype | None, device: torch.device | None) -> Tensor | float:
         """Return ``value`` as a 0-dim tensor of that dtype and device; with None, the number itself."""
-        if dtype is None or device is None:
+        if dtype not in self.DTYPES or device is None:
             return value
         key = (value, dtype, device)
         tensor = self.tensors.get(key)

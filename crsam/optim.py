@@ -22,7 +22,7 @@ Guarantees that hold for both classes:
 * The optimizer's own work (norm, perturbation, save and restore, combination, clipping) runs as
   ``torch._foreach_*`` operations, or, for large tensors, one operation per tensor with ``out=``
   where that saves a pass over the memory. The only buffer is the copy of the weights, allocated
-  on the first step and reused; CR-SAM keeps each pass's gradient in the tensor that autograd
+  on the first step and reused. CR-SAM keeps each pass's gradient in the tensor that autograd
   allocated for it and builds the update in place. It synchronizes the host with the device
   once per step, in the finiteness check of the losses and the gradient norm (with a
   GradScaler, the scaler's own overflow check instead).
@@ -406,7 +406,7 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
         # device, so no value reaches the host before the end. Clamping the norm to at least the
         # smallest normal float keeps every |g0_i| / ||g0|| at most 1 (its reciprocal is finite
         # in every float dtype), so a zero gradient gives eps = 0, not NaN.
-        # The check at the end sees the clamped norm, which is NaN or infinite when ||g0|| is.
+        # The check at the end reads the clamped norm, which is NaN or infinite when ||g0|| is.
         grad_norm = _global_norm([grad for g in groups for grad in g.grads])
         grad_norm.clamp_(min=_tiny(grad_norm.dtype))
         for g in groups:
@@ -567,10 +567,14 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
         # The step runs under no_grad, so stacking needs no detach; losses are normally 0-dim.
         tensors = [v for v in values if isinstance(v, Tensor)]
         if tensors:
-            try:
-                # Stack promotes mixed dtypes.
-                stacked = torch.stack(tensors)
-            except RuntimeError:
+            stacked = None
+            if all(t.dim() == 0 for t in tensors):
+                try:
+                    # Stack promotes mixed dtypes.
+                    stacked = torch.stack(tensors)
+                except RuntimeError:
+                    pass
+            if stacked is None:
                 # A loss of shape (1,), or values on several devices.
                 device = tensors[0].device
                 stacked = torch.stack([t.reshape(()).to(device) for t in tensors])
@@ -721,6 +725,12 @@ class CRSAM(_SharpnessAwareOptimizer):
             the GradScaler's unscaling, is clipped as by ``torch.nn.utils.clip_grad_norm_`` with
             this bound on its L2 norm over all parameters, right before the base optimizer's
             step. Every parameter group shares the one value. Default None: no clipping.
+        copy_gradients: CR-SAM keeps g0 and g+ in the tensors that backward left in ``.grad``,
+            without copying them. It sets ``.grad`` to None before the next closure call, so
+            ``zero_grad`` in either form cannot reach them. A closure that writes into gradient
+            tensors of an earlier call anyway, because it reuses its own tensors as ``.grad``,
+            makes the step raise ``RuntimeError``. ``copy_gradients=True`` clones each pass's
+            gradient instead, for such closures. Default False.
         **base_kwargs: arguments of ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     With ``alpha = beta = 0`` the step equals :class:`SAM`'s (it still runs the third pass).
@@ -755,8 +765,11 @@ class CRSAM(_SharpnessAwareOptimizer):
         model: nn.Module | None = None,
         perturbation: str = "global",
         max_grad_norm: float | None = None,
+        copy_gradients: bool = False,
         **base_kwargs: Any,
     ) -> None:
+        if not isinstance(copy_gradients, bool):
+            raise TypeError(f"copy_gradients must be True or False, got {copy_gradients!r}")
         super().__init__(
             params,
             base_optimizer,
@@ -766,45 +779,64 @@ class CRSAM(_SharpnessAwareOptimizer):
             max_grad_norm=max_grad_norm,
             **base_kwargs,
         )
+        self.copy_gradients = copy_gradients
         # Scratch copies (2, *shape) of the running statistics for batched passes, by id(buffer).
         self._scratch_buffers: dict[int, tuple[Tensor, Tensor]] = {}
         self._coefficients = _Coefficients()
 
     def _combine_perturbed(
-        self, g: _GroupBuffers, grads_plus: list[Tensor], grads_minus: list[Tensor], uniform: bool
+        self, g: _GroupBuffers, grads_plus: list[Tensor], grads_minus: list[Tensor], into: list[Tensor] | None
     ) -> None:
-        """Set the direction to (1 + alpha + beta) g+ + (alpha - beta) g-, written into g+.
+        """Set the direction to (1 + alpha + beta) g+ + (alpha - beta) g-.
 
-        :meth:`_add_gradient_at_w` adds the last term, -2 alpha g0. ``grads_plus`` must be
-        tensors the step owns, since the direction is handed to ``.grad`` without a copy.
-        ``uniform``: take the gradients' dtype and device from ``g.weights()``, where the
-        parameters' were recorded; otherwise they are checked here.
+        The sum goes into ``into``, or with None into ``grads_plus`` itself, which must then be
+        tensors the step owns, each with its own memory. :meth:`_add_gradient_at_w` adds the
+        last term, -2 alpha g0.
         """
         alpha, beta = float(g.group["alpha"]), float(g.group["beta"])
-        if uniform:
+        if into is None:
+            # The sequential path: g.weights() recorded the parameters' (and gradients') dtype.
             copies = g.weights()
             coefficient = self._coefficients.get(1.0 + alpha + beta, copies.dtype, copies.device)
+            torch._foreach_mul_(grads_plus, coefficient)
+            into = grads_plus
         else:
             coefficient = self._coefficients.like(1.0 + alpha + beta, grads_plus)
-        torch._foreach_mul_(grads_plus, coefficient)
+            for buffer, grad in zip(into, grads_plus):
+                torch.mul(grad, coefficient, out=buffer)
         if alpha != beta:
-            torch._foreach_add_(grads_plus, grads_minus, alpha=alpha - beta)
-        g.direction = grads_plus
+            torch._foreach_add_(into, grads_minus, alpha=alpha - beta)
+        g.direction = into
+
+    def _check_kept(self, groups: list[_GroupBuffers], point: str) -> None:
+        """Raise if the pass at ``point`` wrote into a gradient that the step keeps without a copy."""
+        if all(g.kept_unchanged() for g in groups):
+            return
+        raise RuntimeError(
+            f"CRSAM step {self.num_steps}: the closure call at {point} wrote into the gradient of an "
+            "earlier pass, which CR-SAM keeps without copying it (the closure reuses its own "
+            "tensors as .grad). The weights were restored and no step was taken. Let backward "
+            "allocate .grad in each call (optimizer.zero_grad() sets it to None), or build the "
+            "optimizer with copy_gradients=True"
+        )
 
     def _perturbed_passes(self, groups: list[_GroupBuffers], run: Callable[[], Tensor | float]) -> list[Tensor | float]:
         # Each pass's gradients are taken from .grad before the next closure call, which would
         # replace them, so g0 and g+ need no copies.
+        copy = self.copy_gradients
         for g in groups:
-            g.grad_at_w = g.take_grads()
+            g.grad_at_w = g.take_grads(copy)
             g.grads = []
             self._perturb(g.params, g, 1.0, g.grad_at_w)
         loss_plus = run()
-        grads_plus = [g.take_grads() for g in groups]
+        self._check_kept(groups, "w + eps")
+        grads_plus = [g.take_grads(copy) for g in groups]
 
         self._move(groups, -1.0)
         loss_minus = run()
+        self._check_kept(groups, "w - eps")
         for g, plus in zip(groups, grads_plus):
-            self._combine_perturbed(g, plus, g.current_grads(), uniform=True)
+            self._combine_perturbed(g, plus, g.current_grads(), into=None)
         return [loss_plus, loss_minus]
 
     def _parallel_passes(self, groups: list[_GroupBuffers], closure: FunctionalClosure) -> list[Tensor]:
@@ -841,12 +873,14 @@ class CRSAM(_SharpnessAwareOptimizer):
                 )
             grads = torch.autograd.grad(losses.sum(), leaves)
 
-        # The direction goes into the first halves of the batched gradients, which this step owns.
         offset = 0
         for g in groups:
             group_grads = grads[offset : offset + len(g.params)]
             offset += len(g.params)
-            self._combine_perturbed(g, [grad[0] for grad in group_grads], [grad[1] for grad in group_grads], uniform=False)
+            # The batched gradients may share memory or have zero strides (a parameter used
+            # twice, or only through a sum), so the sum goes into buffers of its own.
+            plus, minus = [grad[0] for grad in group_grads], [grad[1] for grad in group_grads]
+            self._combine_perturbed(g, plus, minus, into=g.directions())
         losses = losses.detach()
         return [losses[0], losses[1]]
 
@@ -877,7 +911,10 @@ class CRSAM(_SharpnessAwareOptimizer):
         self._scratch_buffers = scratch
 
     def _add_gradient_at_w(self, groups: list[_GroupBuffers]) -> None:
+        # The sum goes into g0's tensor, which is .grad of the pass at w: a closure that zeroes
+        # .grad in place keeps the same .grad tensor from step to step, as with a plain optimizer.
         for g in groups:
             alpha = float(g.group["alpha"])
-            if alpha != 0:
-                torch._foreach_add_(g.direction, g.grad_at_w, alpha=-2.0 * alpha)
+            for direction, grad_at_w in zip(g.direction, g.grad_at_w):
+                torch.add(direction, grad_at_w, alpha=-2.0 * alpha, out=grad_at_w)
+            g.direction = g.grad_at_w
