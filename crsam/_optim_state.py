@@ -209,8 +209,9 @@ class _GroupBuffers:
         # from .grad, so that handing them to .grad needs no copy.
         self.direction: list[Tensor] = []
         self._weights: _WeightCopies | None = None
-        # Gradients taken from .grad without a copy, with their version counters at that time.
-        self.kept: list[tuple[Tensor, int]] = []
+        # Gradients taken from .grad without a copy, and their version counters at that time.
+        self.kept: list[Tensor] = []
+        self.kept_versions: list[int] = []
 
     def weights(self) -> _WeightCopies:
         """Return the persistent copies of the weights; copies that do not fit are allocated anew."""
@@ -276,12 +277,13 @@ class _GroupBuffers:
             param.grad = None
         if copy:
             return [grad.clone() for grad in grads]
-        self.kept += [(grad, grad._version) for grad in grads]
+        self.kept += grads
+        self.kept_versions += [grad._version for grad in grads]
         return grads
 
     def kept_unchanged(self) -> bool:
         """Return whether no kept gradient was written since it was taken (its version counter)."""
-        return all(grad._version == version for grad, version in self.kept)
+        return [grad._version for grad in self.kept] == self.kept_versions
 
 
 def _global_norm(tensors: list[Tensor]) -> Tensor:

@@ -367,3 +367,89 @@ def test_norm_layers_follow_model_changes(optimizer_class, change):
     assert len(found) >= 3
     for name, buffer in found.items():
         assert torch.equal(buffer, expected[name]), name
+
+
+@pytest.mark.parametrize("optimizer_class", [SAM, CRSAM])
+def test_step_hooks_run_once_per_step(optimizer_class):
+    # step() skips torch's profiling wrapper when nothing listens. Registered hooks, on the
+    # optimizer or global, must still run once per step, with the pre-hook before the passes.
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    model = make_model()
+    x, y = make_batch()
+    optimizer = optimizer_class(model.parameters(), torch.optim.SGD, model=model, **SGD_ARGS)
+    events: list[str] = []
+
+    def closure():
+        events.append("pass")
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    handles = [
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: events.append("pre")),
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: events.append("post")),
+        register_optimizer_step_pre_hook(lambda opt, args, kwargs: events.append("global pre")),
+        register_optimizer_step_post_hook(lambda opt, args, kwargs: events.append("global post")),
+    ]
+    try:
+        optimizer.step(closure)
+    finally:
+        for handle in handles:
+            handle.remove()
+    passes = ["pass"] * (2 if optimizer_class is SAM else 3)
+    # The base optimizer's own step runs the global hooks too, inside the wrapper's step.
+    assert events == ["global pre", "pre", *passes, "global pre", "global post", "post", "global post"]
+
+    events.clear()
+    optimizer.step(closure)
+    assert events == passes
+
+
+@pytest.mark.parametrize("optimizer_class", [SAM, CRSAM])
+def test_step_named_in_profiler(optimizer_class):
+    model = make_model()
+    x, y = make_batch()
+    optimizer = optimizer_class(model.parameters(), torch.optim.SGD, model=model, **SGD_ARGS)
+    closure = paused_closure(model, optimizer, StepRecorder(), x, y)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        optimizer.step(closure)
+    names = {event.name for event in profiler.events()}
+    assert f"Optimizer.step#{optimizer_class.__name__}.step" in names
+
+
+@pytest.mark.parametrize("optimizer_class", [SAM, CRSAM])
+@pytest.mark.parametrize("grad_enabled", [True, False])
+@pytest.mark.parametrize("failing_call", [None, 1, 2, 3])
+def test_grad_mode_restored_after_step(optimizer_class, grad_enabled, failing_call):
+    # The step switches grad mode with the C setter instead of torch.no_grad, so it must put
+    # back the caller's mode after a normal step and after a closure that raises in any pass.
+    model = make_model()
+    x, y = make_batch()
+    optimizer = optimizer_class(model.parameters(), torch.optim.SGD, model=model, **SGD_ARGS)
+    calls = []
+
+    def closure():
+        calls.append(torch.is_grad_enabled())
+        if len(calls) == failing_call:
+            raise KeyError("closure failed")
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    if failing_call == 3 and optimizer_class is SAM:
+        failing_call = None
+    torch.set_grad_enabled(grad_enabled)
+    try:
+        if failing_call is None:
+            optimizer.step(closure)
+        else:
+            with pytest.raises(KeyError, match="closure failed"):
+                optimizer.step(closure)
+        assert torch.is_grad_enabled() is grad_enabled
+    finally:
+        torch.set_grad_enabled(True)
+    # Every closure call runs with gradients enabled, whatever the caller's mode.
+    assert all(calls)
