@@ -97,7 +97,8 @@ class OperationsOnly:
     """The tensor operations of CR-SAM's step in crsam, with nothing else around them.
 
     Same foreach operations on the same buffers as ``crsam.optim.CRSAM``, including its choice
-    between the small-tensor and the large-tensor way of moving the weights, without the random-state and normalization-statistics restores, the finiteness check,
+    between the small-tensor and the large-tensor way of moving the weights and its reuse of the
+    last step's gradient memory, without the random-state and normalization-statistics restores, the finiteness check,
     the bookkeeping of parameter groups and the base optimizer wrapper. Its overhead above the
     floor is what these operations cost, so the difference to crsam's is the cost of the rest.
     """
@@ -109,6 +110,7 @@ class OperationsOnly:
         self.scale = torch.tensor(1.0 + ALPHA + BETA)
         total_bytes = sum(p.numel() * p.element_size() for p in self.params)
         self.small = total_bytes <= _StepStorage.SMALL_TENSOR_BYTES * len(self.params)
+        self.spare: list[list[torch.Tensor]] = [[], []]
 
     def take(self) -> list[torch.Tensor]:
         grads = [p.grad for p in self.params]
@@ -126,6 +128,7 @@ class OperationsOnly:
         norms = [norm] * len(g0)
         torch._foreach_copy_(self.weights, self.params)
         torch._foreach_addcdiv_(self.params, g0, norms, value=RHO)
+        self.spare[0].clear()
         with torch.enable_grad():
             self.base.zero_grad()
             forward_backward(model, x, y)
@@ -136,15 +139,19 @@ class OperationsOnly:
         else:
             for p, w, g in zip(self.params, self.weights, g0):
                 torch.addcdiv(w, g, norm, value=-RHO, out=p)
+        self.spare[1].clear()
         with torch.enable_grad():
             self.base.zero_grad()
             forward_backward(model, x, y)
         torch._foreach_copy_(self.params, self.weights)
+        g_minus = [p.grad for p in self.params]
         torch._foreach_mul_(g_plus, self.scale)
-        torch._foreach_add_(g_plus, [p.grad for p in self.params], alpha=ALPHA - BETA)
-        torch._foreach_add_(g_plus, g0, alpha=-2 * ALPHA)
-        for p, d in zip(self.params, g_plus):
-            p.grad = d
+        torch._foreach_add_(g_plus, g_minus, alpha=ALPHA - BETA)
+        for d, g in zip(g_plus, g0):
+            torch.add(d, g, alpha=-2 * ALPHA, out=g)
+        for p, g in zip(self.params, g0):
+            p.grad = g
+        self.spare = [g_plus, g_minus]
         self.base.step()
 
 

@@ -453,3 +453,33 @@ def test_grad_mode_restored_after_step(optimizer_class, grad_enabled, failing_ca
         torch.set_grad_enabled(True)
     # Every closure call runs with gradients enabled, whatever the caller's mode.
     assert all(calls)
+
+
+def test_last_step_gradients_released_before_their_pass():
+    # CR-SAM keeps the last step's g+ and g- and releases each right before the pass that
+    # allocates its successor, so the allocator can hand the same memory back (see CRSAM._spare).
+    import weakref
+
+    model = make_model()
+    x, y = make_batch()
+    optimizer = CRSAM(model.parameters(), torch.optim.SGD, model=model, **SGD_ARGS)
+    alive_at_call: list[tuple[bool, bool]] = []
+    previous: list[list[weakref.ref]] = []
+
+    def closure():
+        if previous:
+            alive_at_call.append(tuple(any(ref() is not None for ref in refs) for refs in previous))
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    (plus, minus), = optimizer._spare
+    assert len(plus) == len(minus) == len(list(model.parameters()))
+    previous[:] = [[weakref.ref(t) for t in plus], [weakref.ref(t) for t in minus]]
+    del plus, minus
+    optimizer.step(closure)
+
+    # Call 1 (at w): both kept. Call 2 (at w + eps): g+ released. Call 3 (at w - eps): both.
+    assert alive_at_call == [(True, True), (False, True), (False, False)]
