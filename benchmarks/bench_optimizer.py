@@ -96,11 +96,12 @@ class NaiveCRSAM:
 class OperationsOnly:
     """The tensor operations of CR-SAM's step in crsam, with nothing else around them.
 
-    Same foreach operations on the same buffers as ``crsam.optim.CRSAM``, including its choice
-    between the small-tensor and the large-tensor way of moving the weights and its reuse of the
-    last step's gradient memory, without the random-state and normalization-statistics restores, the finiteness check,
-    the bookkeeping of parameter groups and the base optimizer wrapper. Its overhead above the
-    floor is what these operations cost, so the difference to crsam's is the cost of the rest.
+    These are the foreach operations of ``crsam.optim.CRSAM`` on the same buffers. The variant
+    also makes crsam's choice between the two ways of moving the weights, and reuses the last
+    step's gradient memory as crsam does. It leaves out the random-state and normalization
+    restores, the finiteness check, the bookkeeping of parameter groups and the base optimizer
+    wrapper. So its overhead above the floor is what the operations cost, and the difference to
+    crsam's is the cost of the rest.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -126,6 +127,8 @@ class OperationsOnly:
         g0 = self.take()
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g0))).clamp_(min=1e-38)
         norms = [norm] * len(g0)
+
+        # Pass at w + eps.
         torch._foreach_copy_(self.weights, self.params)
         torch._foreach_addcdiv_(self.params, g0, norms, value=RHO)
         self.spare[0].clear()
@@ -133,6 +136,8 @@ class OperationsOnly:
             self.base.zero_grad()
             forward_backward(model, x, y)
         g_plus = self.take()
+
+        # Pass at w - eps.
         if self.small:
             torch._foreach_copy_(self.params, self.weights)
             torch._foreach_addcdiv_(self.params, g0, norms, value=-RHO)
@@ -144,6 +149,8 @@ class OperationsOnly:
             self.base.zero_grad()
             forward_backward(model, x, y)
         torch._foreach_copy_(self.params, self.weights)
+
+        # The direction, written into g0's tensors.
         g_minus = [p.grad for p in self.params]
         torch._foreach_mul_(g_plus, self.scale)
         torch._foreach_add_(g_plus, g_minus, alpha=ALPHA - BETA)

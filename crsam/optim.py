@@ -112,6 +112,29 @@ def _tiny(dtype: torch.dtype) -> float:
     return tiny
 
 
+def _read_on_host(values: list[Tensor | float]) -> list[float]:
+    """Return the values as Python numbers, read from the device with one synchronization.
+
+    Values are normally 0-dim tensors, on one device. The step runs under no_grad, so stacking
+    needs no detach, and stacking promotes mixed dtypes.
+    """
+    tensors = [v for v in values if isinstance(v, Tensor)]
+    if not tensors:
+        return [float(v) for v in values]
+    stacked = None
+    if all(t.dim() == 0 for t in tensors):
+        try:
+            stacked = torch.stack(tensors)
+        except RuntimeError:
+            # Values on several devices.
+            pass
+    if stacked is None:
+        device = tensors[0].device
+        stacked = torch.stack([t.reshape(()).to(device) for t in tensors])
+    on_host = iter(stacked.tolist())
+    return [next(on_host) if isinstance(v, Tensor) else float(v) for v in values]
+
+
 def _release(spare: list[tuple[list[Tensor], list[Tensor]]], index: int) -> None:
     """Drop the references to one kind of spare gradient tensors (0: g+, 1: g-)."""
     for pair in spare:
@@ -611,24 +634,7 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     def _check_finite(self, losses: list[Tensor | float], grad_norm: Tensor | None) -> None:
         """Raise NonFiniteLossError naming the step and the pass; one host sync for all values."""
-        values: list[Tensor | float] = [*losses, grad_norm] if grad_norm is not None else list(losses)
-        # The step runs under no_grad, so stacking needs no detach; losses are normally 0-dim.
-        tensors = [v for v in values if isinstance(v, Tensor)]
-        if tensors:
-            stacked = None
-            if all(t.dim() == 0 for t in tensors):
-                try:
-                    # Stack promotes mixed dtypes.
-                    stacked = torch.stack(tensors)
-                except RuntimeError:
-                    pass
-            if stacked is None:
-                # A loss of shape (1,), or values on several devices.
-                device = tensors[0].device
-                stacked = torch.stack([t.reshape(()).to(device) for t in tensors])
-            # The one host-device synchronization of the step.
-            on_host = iter(stacked.tolist())
-            values = [next(on_host) if isinstance(v, Tensor) else v for v in values]
+        values = _read_on_host([*losses, grad_norm] if grad_norm is not None else list(losses))
         finite = [math.isfinite(v) for v in values]
         if all(finite):
             return
