@@ -366,7 +366,8 @@ class _Unscaler:
             if param.grad is not None:
                 by_device.setdefault(param.grad.device, []).append(param.grad)
         for device, grads in by_device.items():
-            found_inf = self.found_inf.setdefault(device, torch.zeros((), device=device))
+            # float32 whatever the default dtype: the overflow check accepts only that.
+            found_inf = self.found_inf.setdefault(device, torch.zeros((), dtype=torch.float32, device=device))
             inverse_scale = self.inverse_scale.get(device)
             if inverse_scale is None:
                 # The same reciprocal that GradScaler.unscale_ computes.

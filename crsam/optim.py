@@ -38,6 +38,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -233,10 +234,7 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
         if clashes:
             raise ValueError(f"hyperparameters {clashes} are given twice; pass each once")
 
-        # Working tensors reused by every step, keyed by id(param).
-        self._storage = _StepStorage()
-        self._norm_buffers = _NormBuffers()
-        self._communication = _CommunicationBuffer()
+        self._init_working_state()
         super().__init__(params, {**own_defaults, **base_kwargs})
 
         # The base optimizer shares the wrapper's group dicts and per-parameter state, so an LR
@@ -247,6 +245,34 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.model = model
         self.perturbation = perturbation
         self.num_steps = 0
+
+    # Attributes that pickling and deep copies leave out: working tensors, which the next step
+    # rebuilds, and the hooks, which torch.optim.Optimizer leaves out as well (they may be lambdas).
+    _TRANSIENT = (
+        "_storage",
+        "_norm_buffers",
+        "_communication",
+        "_optimizer_step_pre_hooks",
+        "_optimizer_step_post_hooks",
+        "_optimizer_state_dict_pre_hooks",
+        "_optimizer_state_dict_post_hooks",
+        "_optimizer_load_state_dict_pre_hooks",
+        "_optimizer_load_state_dict_post_hooks",
+    )
+
+    def _init_working_state(self) -> None:
+        """Create the working state that steps fill and reuse: buffers keyed by parameter."""
+        self._storage = _StepStorage()
+        self._norm_buffers = _NormBuffers()
+        self._communication = _CommunicationBuffer()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {key: value for key, value in self.__dict__.items() if key not in self._TRANSIENT}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch's own __setstate__ creates empty hook registries.
+        super().__setstate__(state)
+        self._init_working_state()
 
     def _link_base_optimizer(self) -> None:
         self.param_groups = self.base_optimizer.param_groups
@@ -269,14 +295,32 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the base optimizer's state dict, whose groups also hold the wrapper's hyperparameters."""
+        """Return the base optimizer's state dict, whose groups also hold the wrapper's hyperparameters.
+
+        State-dict hooks registered on the wrapper run as ``torch.optim.Optimizer.state_dict``
+        runs them, around the base optimizer's state dict.
+        """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         state = self.base_optimizer.state_dict()
         state["sharpness_aware"] = {"num_steps": self.num_steps}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state)
+            if result is not None:
+                state = result
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict written by :meth:`state_dict` of the same class and parameters."""
+        """Load a state dict written by :meth:`state_dict` of the same class and parameters.
+
+        Load-state-dict hooks registered on the wrapper run as in ``torch.optim.Optimizer``: the
+        pre-hooks may return a replacement state dict.
+        """
         state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = dict(result)
         extra = state_dict.pop("sharpness_aware", {"num_steps": 0})
         groups = []
         for group in state_dict.get("param_groups", []):
@@ -296,6 +340,8 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.base_optimizer.load_state_dict(state_dict)
         self._link_base_optimizer()
         self.num_steps = int(extra["num_steps"])
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     # ------------------------------------------------------------------ the step
 
@@ -357,13 +403,7 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
             copies = g.weights()
             self._write_perturbed(g.params, g, sign, copies.copies, copies.small)
 
-    def step(  # type: ignore[override]
-        self,
-        closure: Callable[[], Tensor | float] | None = None,
-        scaler: torch.amp.GradScaler | None = None,
-        *,
-        parallel: bool = False,
-    ) -> Tensor | float:
+    def step(self, *args: Any, **kwargs: Any) -> Tensor | float:  # type: ignore[override]
         """Run the passes, combine their gradients and take the base optimizer's step at ``w``.
 
         Args:
@@ -395,21 +435,22 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
             or _global_optimizer_post_hooks
             or torch.autograd._profiler_enabled()
         ):
-            return self._profiled_step(closure, scaler, parallel=parallel)
-        return self._step(closure, scaler, parallel=parallel)
+            # torch's wrapper hands the hooks the arguments as the caller gave them.
+            return self._profiled_step(*args, **kwargs)
+        return self._step(*args, **kwargs)
 
     # torch.optim.Optimizer wraps step() in a profiler range and the step hooks unless the method
     # is marked as wrapped. That wrapper cost 20 to 30 us per step on the CPU even with no hook
-    # and no profiler (torch 2.13), about 0.5 % of a small model's step, so step() runs
-    # torch's own wrapper, _profiled_step, only when a hook is registered or a profiler records.
+    # and no profiler (torch 2.13), about 0.5 % of a small model's step. So step() runs torch's
+    # own wrapper, _profiled_step, only when a hook is registered or a profiler records.
     step.hooked = True  # type: ignore[attr-defined]
 
     def _step(
         self,
-        closure: Callable[[], Tensor | float] | None,
-        scaler: torch.amp.GradScaler | None,
+        closure: Callable[[], Tensor | float] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
         *,
-        parallel: bool,
+        parallel: bool = False,
     ) -> Tensor | float:
         """Run the step that :meth:`step` describes, with gradients disabled outside the closure."""
         # The C setter that torch.no_grad calls, as in _with_grad_enabled: the decorator's Python
@@ -500,6 +541,7 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
         return loss_at_w
 
     _profiled_step = torch.optim.Optimizer.profile_hook_step(_step)
+    step.__signature__ = inspect.signature(_step)  # type: ignore[attr-defined]
 
     def _check_closure(self, closure: Any, scaler: torch.amp.GradScaler | None, parallel: bool) -> None:
         """Reject a closure that cannot serve the requested kind of step."""
@@ -834,6 +876,11 @@ class CRSAM(_SharpnessAwareOptimizer):
             **base_kwargs,
         )
         self.copy_gradients = copy_gradients
+
+    _TRANSIENT = (*_SharpnessAwareOptimizer._TRANSIENT, "_spare", "_scratch_buffers", "_coefficients")
+
+    def _init_working_state(self) -> None:
+        super()._init_working_state()
         # The gradient tensors of the last step's perturbed passes, (g+, g-) per group. Each set
         # is released right before the pass of the next step that allocates its successor, so
         # the allocator hands back the same memory, as it does when a training loop frees .grad
@@ -906,6 +953,11 @@ class CRSAM(_SharpnessAwareOptimizer):
         return [loss_plus, loss_minus]
 
     def _parallel_passes(self, groups: list[_GroupBuffers], closure: FunctionalClosure) -> list[Tensor]:
+        # The batched pass allocates its gradients in one piece, so a sequential step's kept
+        # gradients are of no use here.
+        _release(self._spare, 0)
+        _release(self._spare, 1)
+        self._spare = []
         module = _unwrap(closure.model)
         names = {id(param): name for name, param in module.named_parameters()}
 
