@@ -19,7 +19,7 @@ of ``crsam.models`` (batch 128 of 40 features) and the CIFAR ResNet-18 of
 Run:
 
     python benchmarks/bench_optimizer.py [--repeats 15] [--steps 10] [--resnet-repeats 5] [--clock cpu]
-        [--models mlp cnn1d resnet18] [--json]
+        [--models mlp cnn1d resnet18] [--ablation] [--json]
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ import torch
 from torch import nn
 
 from crsam.models import build_model
+import crsam._optim_state as crsam_state
+import crsam.optim as crsam_optim
 from crsam._optim_state import _StepStorage
 from crsam.optim import CRSAM, SAM, FunctionalClosure
 from crsam.vision_models import build_vision_model
@@ -162,7 +164,40 @@ class OperationsOnly:
         self.base.step()
 
 
-def make_variants(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Callable[[], object]]:
+class _NoRandomState:
+    """Stand-in for ``crsam.optim._RandomState`` that captures and restores nothing."""
+
+    def restore(self) -> None:
+        pass
+
+
+# The guarantees of crsam's CR-SAM step that --ablation switches off, one at a time: for each,
+# the internal of crsam that provides it and its replacement while the step runs. Measurement
+# only, because each replacement breaks the guarantee it stands for.
+ABLATIONS: dict[str, tuple[object, str, object]] = {
+    "random_state": (crsam_optim, "_RandomState", _NoRandomState),
+    "finiteness_check": (crsam_optim._SharpnessAwareOptimizer, "_check_finite", lambda self, losses, norm: None),
+    "reuse_check": (crsam_state._GroupBuffers, "kept_unchanged", lambda self: True),
+}
+
+
+def without(target: object, name: str, replacement: object, step: Callable[[], object]) -> Callable[[], object]:
+    """Return ``step`` run with ``target.name`` replaced (one attribute swap each way per call)."""
+
+    def run() -> object:
+        saved = getattr(target, name)
+        setattr(target, name, replacement)
+        try:
+            return step()
+        finally:
+            setattr(target, name, saved)
+
+    return run
+
+
+def make_variants(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, ablation: bool = False
+) -> dict[str, Callable[[], object]]:
     """Return one step function per variant, all on the same model and batch."""
     base = torch.optim.SGD(model.parameters(), **SGD_ARGS)
     crsam = CRSAM(model.parameters(), torch.optim.SGD, rho=RHO, alpha=ALPHA, beta=BETA, model=model, **SGD_ARGS)
@@ -189,7 +224,7 @@ def make_variants(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[st
 
         return lambda: optimizer.step(closure)
 
-    return {
+    variants = {
         "floor_crsam": floor(3),
         "crsam": wrapped(crsam),
         "naive_crsam": lambda: naive_crsam.step(model, x, y),
@@ -199,6 +234,14 @@ def make_variants(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[st
         "sam": wrapped(sam),
         "naive_sam": lambda: naive_sam.step(model, x, y),
     }
+    if ablation:
+        for key, (target, name, replacement) in ABLATIONS.items():
+            optimizer = CRSAM(model.parameters(), torch.optim.SGD, rho=RHO, alpha=ALPHA, beta=BETA, model=model, **SGD_ARGS)
+            variants[f"crsam_without_{key}"] = without(target, name, replacement, wrapped(optimizer))
+        # Without model= the step neither looks for normalization layers nor restores them.
+        optimizer = CRSAM(model.parameters(), torch.optim.SGD, rho=RHO, alpha=ALPHA, beta=BETA, **SGD_ARGS)
+        variants["crsam_without_normalization"] = wrapped(optimizer)
+    return variants
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -213,11 +256,18 @@ CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
 def measure(
-    name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int, steps: int, clock: str
+    name: str,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    repeats: int,
+    steps: int,
+    clock: str,
+    ablation: bool = False,
 ) -> dict:
     """Time every variant ``repeats`` times, interleaved, and summarize against the floors."""
     model.train()
-    variants = make_variants(model, x, y)
+    variants = make_variants(model, x, y, ablation)
     for run in variants.values():
         run()  # warm-up: allocator, thread pool, lazily allocated buffers
     seconds: dict[str, list[float]] = {key: [] for key in variants}
@@ -263,6 +313,12 @@ def measure(
         "naive_sam_overhead_ms": [1e3 * v for v in quartiles(overheads("naive_sam", "floor_sam"))],
         "crsam_overhead_share_of_naive": overhead_share("crsam"),
         "sam_overhead_share_of_naive": overhead_share("sam"),
+        # Median overhead in ms of CR-SAM with one guarantee switched off (--ablation).
+        "ablation_overhead_ms": {
+            key.removeprefix("crsam_without_"): 1e3 * statistics.median(overheads(key, "floor_crsam"))
+            for key in seconds
+            if key.startswith("crsam_without_")
+        },
     }
 
 
@@ -327,6 +383,21 @@ def print_markdown(report: dict) -> None:
             f"| {ms['floor_sam']:.2f} | {ms['sam']:.2f} | {ms['crsam_parallel']:.2f} | {wall_share:.2f} |"
         )
 
+    ablated = [r for r in report["results"] if r["ablation_overhead_ms"]]
+    if ablated:
+        names = list(ablated[0]["ablation_overhead_ms"])
+        print()
+        print("CR-SAM overhead above the floor in ms, median, with one guarantee switched off (--ablation):")
+        print()
+        print("| model | CR-SAM | " + " | ".join(f"without {name.replace('_', ' ')}" for name in names) + " | operations only |")
+        print("|---|---:|" + "---:|" * len(names) + "---:|")
+        for r in ablated:
+            cells = [f"{r['ablation_overhead_ms'][name]:.3f}" for name in names]
+            print(
+                f"| {r['model']} | {r['crsam_overhead_ms'][1]:.3f} | " + " | ".join(cells)
+                + f" | {r['operations_crsam_overhead_ms'][1]:.3f} |"
+            )
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -337,6 +408,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="MNIST-1D batch size")
     parser.add_argument(
         "--models", nargs="+", choices=MODELS, default=list(MODELS), help="models to time [all: mlp cnn1d resnet18]"
+    )
+    parser.add_argument(
+        "--ablation", action="store_true",
+        help="also time CR-SAM with each of its guarantees switched off in turn (measurement only)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of Markdown tables")
     args = parser.parse_args()
@@ -357,10 +432,10 @@ def main() -> None:
     for name in args.models:
         if name == "resnet18":
             model = build_vision_model("resnet18")
-            results.append(measure(name, model, images, labels, args.resnet_repeats, 1, args.clock))
+            results.append(measure(name, model, images, labels, args.resnet_repeats, 1, args.clock, args.ablation))
         else:
             model = build_model(name, activation="gelu")
-            results.append(measure(name, model, x, y, args.repeats, args.steps, args.clock))
+            results.append(measure(name, model, x, y, args.repeats, args.steps, args.clock, args.ablation))
 
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs",
