@@ -483,3 +483,69 @@ def test_last_step_gradients_released_before_their_pass():
 
     # Call 1 (at w): both kept. Call 2 (at w + eps): g+ released. Call 3 (at w - eps): both.
     assert alive_at_call == [(True, True), (False, True), (False, False)]
+
+
+def run_plain_or_general(optimizer_class, plain: bool, monkeypatch, steps: int = 4, **kwargs):
+    """Train a dropout + BatchNorm model in float64; return its state, the losses, .grad and the RNG."""
+    monkeypatch.setattr(optimizer_class, "_plain_path", plain)
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.GELU(), nn.Dropout(0.3), nn.Linear(8, 3)).double()
+    x = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    y = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(7))
+    optimizer = optimizer_class(model.parameters(), torch.optim.SGD, model=model, lr=0.1, momentum=0.9, **kwargs)
+    calls = []
+    plain_rest = optimizer._plain_rest
+
+    def counting(*args):
+        calls.append(1)
+        return plain_rest(*args)
+
+    monkeypatch.setattr(optimizer, "_plain_rest", counting)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    losses = [optimizer.step(closure) for _ in range(steps)]
+    grads = [param.grad.clone() for param in model.parameters()]
+    return model.state_dict(), losses, grads, torch.rand(3), len(calls)
+
+
+@pytest.mark.parametrize("optimizer_class", [SAM, CRSAM])
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
+def test_plain_path_equals_general_path(optimizer_class, max_grad_norm, monkeypatch):
+    # The plain path runs the general path's operations in the same order, so everything a step
+    # leaves (weights, BatchNorm statistics, losses, .grad, the random state) must be equal.
+    general = run_plain_or_general(optimizer_class, False, monkeypatch, max_grad_norm=max_grad_norm)
+    plain = run_plain_or_general(optimizer_class, True, monkeypatch, max_grad_norm=max_grad_norm)
+    assert general[4] == 0
+    assert plain[4] == 4
+    for key, value in general[0].items():
+        assert torch.equal(value, plain[0][key]), key
+    for a, b in zip(general[1], plain[1]):
+        assert torch.equal(a, b)
+    for a, b in zip(general[2], plain[2]):
+        assert torch.equal(a, b)
+    assert torch.equal(general[3], plain[3])
+
+
+def test_plain_path_not_taken_outside_its_case(monkeypatch):
+    # Two parameter groups, and copy_gradients, take the general path.
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    for optimizer in (
+        CRSAM([{"params": [model.weight]}, {"params": [model.bias]}], torch.optim.SGD, lr=0.1),
+        CRSAM(model.parameters(), torch.optim.SGD, lr=0.1, copy_gradients=True),
+    ):
+        monkeypatch.setattr(optimizer, "_plain_rest", lambda *args: pytest.fail("plain path taken"))
+
+        def closure():
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
