@@ -345,28 +345,6 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the step
 
-    # Whether a step may take the plain path (_plain_rest): one parameter group, every
-    # parameter with a gradient at w, rho > 0, no GradScaler, no DDP, sequential passes. The
-    # path runs the same operations in the same order as the general one, in one function:
-    # that saved about 0.06 ms per step on the CPU, a fifth of the 1-D CNN's overhead.
-    # Tests switch it off to compare both paths.
-    _plain_path = True
-
-    def _plain_ready(self) -> bool:
-        """Return whether this optimizer's settings allow the plain path."""
-        return False
-
-    def _plain_rest(
-        self,
-        g: _GroupBuffers,
-        closure: Callable[[], Tensor | float],
-        loss_at_w: Tensor | float,
-        random_before: _RandomState,
-        random_after: _RandomState,
-    ) -> None:
-        """Run the rest of a plain step after the pass at w: perturbed passes, checks, base step."""
-        raise NotImplementedError
-
     def _perturbed_passes(self, groups: list[_GroupBuffers], run: Callable[[], Tensor | float]) -> list[Tensor | float]:
         """Run the perturbed passes and leave the local direction in each group.
 
@@ -517,13 +495,6 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
         random_after = _RandomState()
         if unscaler is not None:
             unscaler.unscale([p for group in self.param_groups for p in group["params"]])
-
-        if self._plain_path and unscaler is None and functional_closure is None and not distributed:
-            if len(self.param_groups) == 1:
-                g = _GroupBuffers(self.param_groups[0], 0, self._storage)
-                if g.rho > 0 and len(g.params) == len(g.group["params"]) and self._plain_ready():
-                    self._plain_rest(g, closure, loss_at_w, random_before, random_after)
-                    return loss_at_w
 
         groups = [_GroupBuffers(group, index, self._storage) for index, group in enumerate(self.param_groups)]
         groups = [g for g in groups if g.params]
@@ -789,51 +760,6 @@ class SAM(_SharpnessAwareOptimizer):
             **base_kwargs,
         )
 
-    def _plain_ready(self) -> bool:
-        return True
-
-    def _plain_rest(
-        self,
-        g: _GroupBuffers,
-        closure: Callable[[], Tensor | float],
-        loss_at_w: Tensor | float,
-        random_before: _RandomState,
-        random_after: _RandomState,
-    ) -> None:
-        # The general path's operations for SAM (_step_without_grad, _run_sequential,
-        # _perturbed_passes, _finish) in the same order, without the group lists.
-        params = g.params
-        grad_norm = _global_norm(g.grads)
-        grad_norm.clamp_(min=_tiny(grad_norm.dtype))
-        g.grad_norm = grad_norm
-        norm_buffers = self._norm_buffers
-        norm_buffers.save(self.model)
-        weights = g.weights().copies
-        torch._foreach_copy_(weights, params)
-        try:
-            self._perturb(params, g, 1.0, g.grads)
-            # Dropping the references to g0 lets the next pass reuse its memory, as in
-            # _perturbed_passes.
-            g.grads = g.grad_at_w = []
-            random_before.restore()
-            loss_plus = closure()
-            if isinstance(loss_plus, Tensor):
-                loss_plus = loss_plus.detach()
-            norm_buffers.restore()
-            direction = g.current_grads()
-        finally:
-            torch._foreach_copy_(params, weights)
-            random_after.restore()
-            norm_buffers.restore()
-        self._check_finite([loss_at_w, loss_plus], grad_norm)
-        for param, grad in zip(params, direction):
-            if param.grad is not grad:
-                param.grad = grad
-        max_grad_norm = g.group["max_grad_norm"]
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        self.base_optimizer.step()
-
     def _perturbed_passes(self, groups: list[_GroupBuffers], run: Callable[[], Tensor | float]) -> list[Tensor | float]:
         # The weights are still at w, so adding eps gives w + eps. Dropping the references to g0
         # lets the next pass reuse its memory once the closure clears .grad.
@@ -1001,67 +927,6 @@ class CRSAM(_SharpnessAwareOptimizer):
             "allocate .grad in each call (optimizer.zero_grad() sets it to None), or build the "
             "optimizer with copy_gradients=True"
         )
-
-    def _plain_ready(self) -> bool:
-        return not self.copy_gradients
-
-    def _plain_rest(
-        self,
-        g: _GroupBuffers,
-        closure: Callable[[], Tensor | float],
-        loss_at_w: Tensor | float,
-        random_before: _RandomState,
-        random_after: _RandomState,
-    ) -> None:
-        # The general path's operations for CR-SAM (_step_without_grad, _run_sequential,
-        # _perturbed_passes, _combine_perturbed, _add_gradient_at_w, _finish) in the same order,
-        # without the group lists.
-        params = g.params
-        grad_norm = _global_norm(g.grads)
-        grad_norm.clamp_(min=_tiny(grad_norm.dtype))
-        g.grad_norm = grad_norm
-        norm_buffers = self._norm_buffers
-        norm_buffers.save(self.model)
-        copies = g.weights()
-        weights = copies.copies
-        torch._foreach_copy_(weights, params)
-        spare, self._spare = self._spare, []
-        try:
-            grad_at_w = g.grad_at_w = g.take_grads(False)
-            self._perturb(params, g, 1.0, grad_at_w)
-            _release(spare, 0)
-            random_before.restore()
-            loss_plus = closure()
-            if isinstance(loss_plus, Tensor):
-                loss_plus = loss_plus.detach()
-            norm_buffers.restore()
-            self._check_kept([g], "w + eps")
-            grads_plus = g.take_grads(False)
-
-            self._write_perturbed(params, g, -1.0, weights, copies.small)
-            _release(spare, 1)
-            random_before.restore()
-            loss_minus = closure()
-            if isinstance(loss_minus, Tensor):
-                loss_minus = loss_minus.detach()
-            norm_buffers.restore()
-            self._check_kept([g], "w - eps")
-        finally:
-            torch._foreach_copy_(params, weights)
-            random_after.restore()
-            norm_buffers.restore()
-        grads_minus = g.current_grads()
-        self._combine_perturbed(g, grads_plus, grads_minus, into=None)
-        self._spare.append((grads_plus, grads_minus))
-        self._add_gradient_at_w([g])
-        self._check_finite([loss_at_w, loss_plus, loss_minus], grad_norm)
-        for param, direction in zip(params, g.direction):
-            if param.grad is not direction:
-                param.grad = direction
-        max_grad_norm = g.group["max_grad_norm"]
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        self.base_optimizer.step()
 
     def _perturbed_passes(self, groups: list[_GroupBuffers], run: Callable[[], Tensor | float]) -> list[Tensor | float]:
         # Each pass's gradients are taken from .grad before the next closure call, which would
