@@ -20,11 +20,14 @@ Guarantees that hold for both classes:
 * All hyperparameters live in ``param_groups``, which the base optimizer shares, so LR schedulers
   built on the wrapper drive the base optimizer and ``state_dict`` round-trips.
 * The optimizer's own work (norm, perturbation, save and restore, combination, clipping) runs as
-  ``torch._foreach_*`` operations, or, for large tensors, one operation per tensor with ``out=``
-  where that saves a pass over the memory. The only buffer is the copy of the weights, allocated
-  on the first step and reused. CR-SAM keeps each pass's gradient in the tensor that autograd
-  allocated for it and builds the update in place. It synchronizes the host with the device
-  once per step, in the finiteness check of the losses and the gradient norm (with a
+  ``torch._foreach_*`` operations, or as one operation per tensor with ``out=`` where that saves
+  a pass over the memory (moving large tensors to ``w - eps``, adding the g0 term of CR-SAM,
+  the batched path). Buffers are allocated on first use and reused: the copy of the weights,
+  copies of the BatchNorm statistics, the buffers of the batched passes and of the DDP
+  all-reduce. CR-SAM keeps g0 and g+ in the tensors that autograd allocated for them (unless
+  ``copy_gradients=True``), builds the update in place, and holds the last step's g+ and g-
+  until the next step's passes reuse their memory. Each step synchronizes the host with the
+  device once, in the finiteness check of the losses and the gradient norm (with a
   GradScaler, the scaler's own overflow check instead).
 
 References:
@@ -283,6 +286,9 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
         for name in self._own_hyperparameters:
             if name in param_group:
                 _check_hyperparameter(name, param_group[name])
+        if "max_grad_norm" not in param_group and self.param_groups:
+            # One bound for all parameters: a later group takes the first group's.
+            param_group = {**param_group, "max_grad_norm": self.param_groups[0]["max_grad_norm"]}
         if "max_grad_norm" in param_group:
             _check_max_grad_norm(param_group["max_grad_norm"])
             # Clipping scales the direction of all parameters by one factor, so one bound applies.
@@ -427,6 +433,10 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
             NonFiniteLossError: without a scaler, a pass returned a NaN or infinite loss, or the
                 gradient at ``w`` has a non-finite norm. The weights are restored and no step is
                 taken.
+            RuntimeError: CR-SAM only, the closure wrote into a gradient that the step keeps
+                (see ``copy_gradients``). The weights are restored and no step is taken.
+            TypeError, ValueError: no closure, a closure that returns None, or a closure that
+                does not fit ``parallel`` or ``scaler``.
         """
         if (
             self._optimizer_step_pre_hooks
@@ -719,7 +729,8 @@ class SAM(_SharpnessAwareOptimizer):
         max_grad_norm: if given (> 0), the final update direction, after the all-reduce and the
             GradScaler's unscaling, is clipped as by ``torch.nn.utils.clip_grad_norm_`` with this
             bound on its L2 norm over all parameters, right before the base optimizer's step.
-            Every parameter group shares the one value. Default None: no clipping.
+            Every parameter group shares the one value: a group that leaves it out takes the
+            first group's. Default None: no clipping.
         **base_kwargs: arguments of ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     Example:
@@ -820,13 +831,15 @@ class CRSAM(_SharpnessAwareOptimizer):
         max_grad_norm: if given (> 0), the final update direction ``d``, after the all-reduce and
             the GradScaler's unscaling, is clipped as by ``torch.nn.utils.clip_grad_norm_`` with
             this bound on its L2 norm over all parameters, right before the base optimizer's
-            step. Every parameter group shares the one value. Default None: no clipping.
+            step. Every parameter group shares the one value: a group that leaves it out takes
+            the first group's. Default None: no clipping.
         copy_gradients: CR-SAM keeps g0 and g+ in the tensors that backward left in ``.grad``,
             without copying them. It sets ``.grad`` to None before the next closure call, so
             ``zero_grad`` in either form cannot reach them. A closure that writes into gradient
             tensors of an earlier call anyway, because it reuses its own tensors as ``.grad``,
-            makes the step raise ``RuntimeError``. ``copy_gradients=True`` clones each pass's
-            gradient instead, for such closures. Default False.
+            makes the step raise ``RuntimeError``. ``copy_gradients=True`` clones g0 and g+
+            instead, for such closures, at two allocations of parameter size per step; ``.grad``
+            is then a new tensor after every step. Default False.
         **base_kwargs: arguments of ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     With ``alpha = beta = 0`` the step equals :class:`SAM`'s (it still runs the third pass).

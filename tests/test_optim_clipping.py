@@ -205,3 +205,16 @@ def test_state_dict_with_invalid_bound_rejected():
 
     with pytest.raises(ValueError, match=r"max_grad_norm must be finite and > 0"):
         optimizer.load_state_dict(state)
+
+
+@pytest.mark.parametrize("optimizer_class", [SAM, CRSAM])
+def test_later_groups_take_first_group_bound(optimizer_class):
+    # One bound clips all parameters, so a group that leaves max_grad_norm out takes the first
+    # group's value, and the state dict shows the bound that applies to it.
+    model = nn.Linear(3, 2)
+    optimizer = optimizer_class(
+        [{"params": [model.weight], "max_grad_norm": 1.0}, {"params": [model.bias]}], torch.optim.SGD, lr=0.1
+    )
+    optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+    assert [group["max_grad_norm"] for group in optimizer.param_groups] == [1.0, 1.0, 1.0]
+    assert [group["max_grad_norm"] for group in optimizer.state_dict()["param_groups"]] == [1.0, 1.0, 1.0]
