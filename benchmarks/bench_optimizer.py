@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -98,7 +99,7 @@ class NaiveCRSAM:
 class OperationsOnly:
     """The tensor operations of CR-SAM's step in crsam, with nothing else around them.
 
-    These are the foreach operations of ``crsam.optim.CRSAM`` on the same buffers. The variant
+    These are the foreach operations of ``crsam.optim.CRSAM``, on buffers of its own. The variant
     also makes crsam's choice between the two ways of moving the weights, and reuses the last
     step's gradient memory as crsam does. It leaves out the random-state and normalization
     restores, the finiteness check, the bookkeeping of parameter groups and the base optimizer
@@ -272,14 +273,18 @@ def measure(
         run()  # warm-up: allocator, thread pool, lazily allocated buffers
     seconds: dict[str, list[float]] = {key: [] for key in variants}
     wall_seconds: dict[str, list[float]] = {key: [] for key in variants}
+    # Minor page faults: memory the allocator had to ask the system for again.
+    faults: dict[str, list[float]] = {key: [] for key in variants}
     now = CLOCKS[clock]
     for _ in range(repeats):
         for key, run in variants.items():
+            faults_start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start, wall_start = now(), time.perf_counter()
             for _ in range(steps):
                 run()
             seconds[key].append((now() - start) / steps)
             wall_seconds[key].append((time.perf_counter() - wall_start) / steps)
+            faults[key].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_start) / steps)
 
     def ratios(variant: str, reference: str) -> tuple[float, float, float]:
         return quartiles([a / b for a, b in zip(seconds[variant], seconds[reference])])
@@ -301,6 +306,7 @@ def measure(
         "steps": steps,
         "median_seconds": {key: statistics.median(values) for key, values in seconds.items()},
         "median_wall_seconds": {key: statistics.median(values) for key, values in wall_seconds.items()},
+        "median_minor_faults_per_step": {key: statistics.median(values) for key, values in faults.items()},
         "crsam_over_floor": ratios("crsam", "floor_crsam"),
         "naive_crsam_over_floor": ratios("naive_crsam", "floor_crsam"),
         "sam_over_floor": ratios("sam", "floor_sam"),
@@ -372,15 +378,17 @@ def print_markdown(report: dict) -> None:
     print()
     print(
         "| model | repeats x steps | floor CR-SAM (ms) | CR-SAM (ms) | floor SAM (ms) | SAM (ms) "
-        "| parallel CR-SAM (ms) | wall/clock, floor CR-SAM |"
+        "| parallel CR-SAM (ms) | wall/clock, floor CR-SAM | page faults per step: floor, CR-SAM, baseline |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     for r in report["results"]:
         ms = {key: 1e3 * value for key, value in r["median_seconds"].items()}
+        faults = r["median_minor_faults_per_step"]
         wall_share = r["median_wall_seconds"]["floor_crsam"] / r["median_seconds"]["floor_crsam"]
         print(
             f"| {r['model']} | {r['repeats']} x {r['steps']} | {ms['floor_crsam']:.2f} | {ms['crsam']:.2f} "
-            f"| {ms['floor_sam']:.2f} | {ms['sam']:.2f} | {ms['crsam_parallel']:.2f} | {wall_share:.2f} |"
+            f"| {ms['floor_sam']:.2f} | {ms['sam']:.2f} | {ms['crsam_parallel']:.2f} | {wall_share:.2f} "
+            f"| {' / '.join(f'{faults[key]:.0f}' for key in ('floor_crsam', 'crsam', 'naive_crsam'))} |"
         )
 
     ablated = [r for r in report["results"] if r["ablation_overhead_ms"]]

@@ -165,7 +165,7 @@ class _StepStorage:
     """
 
     # Average bytes per tensor up to which a step prefers one more pass over the memory to one
-    # Python call per tensor (about 2 us each after a backward pass on the CPU).
+    # Python call per tensor (an estimate: about 2 us per call after a backward pass on the CPU).
     SMALL_TENSOR_BYTES = 16384
 
     def __init__(self) -> None:
@@ -205,8 +205,8 @@ class _GroupBuffers:
         self.grad_at_w: list[Tensor] = self.grads
         # ||g0|| over all groups, clamped away from 0: a 0-dim tensor on the device.
         self.grad_norm: Tensor | None = None
-        # The update direction, in tensors that the step owns: .grad itself, or gradients taken
-        # from .grad, so that handing them to .grad needs no copy.
+        # The update direction. It ends in tensors that the step owns (.grad itself, or gradients
+        # taken from .grad), so that handing it to .grad needs no copy.
         self.direction: list[Tensor] = []
         self._weights: _WeightCopies | None = None
         # Gradients taken from .grad without a copy, and their version counters at that time.
@@ -220,24 +220,25 @@ class _GroupBuffers:
         key = [(param.data_ptr(), param.shape, param.dtype, param.device) for param in self.params]
         cached = self.storage.weights.get(self.index)
         if cached is None or cached.key != key:
-            copies = []
-            for param in self.params:
-                record = self.storage.record(param)
-                if not _fits(record.weights, param):
-                    record.weights = torch.empty_like(param)
-                copies.append(record.weights)
+            copies = self._persistent("weights")
             cached = self.storage.weights[self.index] = _WeightCopies(self.params, key, copies)
         self._weights = cached
         return cached
 
     def directions(self) -> list[Tensor]:
         """Return the persistent direction buffers of the batched passes."""
+        return self._persistent("direction")
+
+    def _persistent(self, name: str) -> list[Tensor]:
+        """Return each parameter's buffer ``name`` of :class:`_ParamBuffers`, allocating those that do not fit."""
         buffers = []
         for param in self.params:
             record = self.storage.record(param)
-            if not _fits(record.direction, param):
-                record.direction = torch.empty_like(param)
-            buffers.append(record.direction)
+            buffer = getattr(record, name)
+            if not _fits(buffer, param):
+                buffer = torch.empty_like(param)
+                setattr(record, name, buffer)
+            buffers.append(buffer)
         return buffers
 
     def stacked(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -303,8 +304,8 @@ class _Coefficients:
     For float32 and float64 tensors, a foreach multiplication by a 0-dim tensor of the same dtype
     gives the same values as a multiplication by the Python number, which is rounded to that
     dtype as well. On the CPU it ran about three times faster (torch 2.13: 4 us against 13 us for
-    eight small tensors). Half-precision tensors get the Python number, because kernels may keep
-    it in float32 there.
+    eight small tensors, timed outside the repository's benchmarks). Half-precision tensors get the
+    Python number, because kernels may keep it in float32 there.
     """
 
     # Coefficients change only when a schedule changes alpha or beta, so this bounds the cache.
@@ -315,7 +316,10 @@ class _Coefficients:
         self.tensors: dict[tuple[float, torch.dtype, torch.device], Tensor] = {}
 
     def get(self, value: float, dtype: torch.dtype | None, device: torch.device | None) -> Tensor | float:
-        """Return ``value`` as a 0-dim tensor of that dtype and device; with None, the number itself."""
+        """Return ``value`` as a 0-dim tensor of that dtype and device, or the number itself.
+
+        The number comes back for None (mixed dtypes or devices) and for dtypes outside ``DTYPES``.
+        """
         if dtype not in self.DTYPES or device is None:
             return value
         key = (value, dtype, device)

@@ -91,7 +91,7 @@ def _with_grad_enabled(closure: Callable[[], Tensor | float]) -> Callable[[], Te
     """Return the closure run with gradients enabled, for a caller that runs with them disabled.
 
     The C setter that ``torch.enable_grad`` calls is called directly: the context manager's Python
-    code cost about 5 us per pass after a backward pass, a tenth of the step's own work on a
+    code cost an estimated 5 us per pass after a backward pass, about a twentieth of the step's own work on a
     small model.
     """
 
@@ -450,8 +450,9 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
         return self._step(*args, **kwargs)
 
     # torch.optim.Optimizer wraps step() in a profiler range and the step hooks unless the method
-    # is marked as wrapped. That wrapper cost 20 to 30 us per step on the CPU even with no hook
-    # and no profiler (torch 2.13), about 0.5 % of a small model's step. So step() runs torch's
+    # is marked as wrapped. That wrapper cost an estimated 20 to 30 us per step on the CPU even
+    # with no hook and no profiler (torch 2.13, timed outside the benchmarks), about 0.5 % of a
+    # small model's step. So step() runs torch's
     # own wrapper, _profiled_step, only when a hook is registered or a profiler records.
     step.hooked = True  # type: ignore[attr-defined]
 
@@ -464,7 +465,7 @@ class _SharpnessAwareOptimizer(torch.optim.Optimizer):
     ) -> Tensor | float:
         """Run the step that :meth:`step` describes, with gradients disabled outside the closure."""
         # The C setter that torch.no_grad calls, as in _with_grad_enabled: the decorator's Python
-        # code cost about 10 us per step after a backward pass.
+        # code cost an estimated 10 us per step after a backward pass.
         grad_enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
@@ -838,7 +839,7 @@ class CRSAM(_SharpnessAwareOptimizer):
             ``zero_grad`` in either form cannot reach them. A closure that writes into gradient
             tensors of an earlier call anyway, because it reuses its own tensors as ``.grad``,
             makes the step raise ``RuntimeError``. ``copy_gradients=True`` clones g0 and g+
-            instead, for such closures, at two allocations of parameter size per step; ``.grad``
+            instead, for such closures, at two allocations of parameter size per step. ``.grad``
             is then a new tensor after every step. Default False.
         **base_kwargs: arguments of ``base_optimizer`` (``lr``, ``momentum``, ...).
 
@@ -898,8 +899,8 @@ class CRSAM(_SharpnessAwareOptimizer):
         # is released right before the pass of the next step that allocates its successor, so
         # the allocator hands back the same memory, as it does when a training loop frees .grad
         # before each backward pass. Freed at the end of the step instead, 45 MB of ResNet-18
-        # gradients went back to the system and cost about 10 000 page faults per step (glibc,
-        # 2-core CPU machine).
+        # gradients went back to the system and cost about 8 700 minor page faults per step
+        # (glibc, 2-core CPU machine, counted by benchmarks/bench_optimizer.py).
         self._spare: list[tuple[list[Tensor], list[Tensor]]] = []
         # Scratch copies (2, *shape) of the running statistics for batched passes, by id(buffer).
         self._scratch_buffers: dict[int, tuple[Tensor, Tensor]] = {}

@@ -60,3 +60,4 @@ def test_benchmark_runs_and_reports(monkeypatch, capsys):
     assert result["model"] == "cnn1d"
     assert set(result["ablation_overhead_ms"]) == {"random_state", "finiteness_check", "reuse_check", "normalization"}
     assert result["crsam_over_floor"][1] > 0
+    assert result["median_minor_faults_per_step"]["crsam"] >= 0

@@ -92,6 +92,18 @@ def paused_closure(model, optimizer, recorder: StepRecorder, x, y):
     return closure
 
 
+def plain_closure(model, optimizer, x, y):
+    """Return the usual closure: zero the gradients, run forward and backward, return the loss."""
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 @pytest.mark.parametrize("optimizer_class", [SAM, CRSAM])
 @pytest.mark.parametrize("max_grad_norm", [None, 0.01])
 def test_step_allocates_only_scalars(optimizer_class, max_grad_norm):
@@ -175,11 +187,7 @@ def test_buffers_keep_storage_across_steps(optimizer_class):
     x, y = make_batch()
     optimizer = optimizer_class(model.parameters(), torch.optim.SGD, model=model, **SGD_ARGS)
 
-    def closure():
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
+    closure = plain_closure(model, optimizer, x, y)
 
     def pointers():
         found = {key: record.weights.data_ptr() for key, record in optimizer._storage.records.items()}
@@ -204,11 +212,7 @@ def test_cuda_step_synchronizes_once(optimizer_class):
     x, y = (t.cuda() for t in make_batch())
     optimizer = optimizer_class(model.parameters(), torch.optim.SGD, model=model, max_grad_norm=1.0, **SGD_ARGS)
 
-    def closure():
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
+    closure = plain_closure(model, optimizer, x, y)
 
     optimizer.step(closure)
     torch.cuda.synchronize()
@@ -273,7 +277,7 @@ def test_move_paths_agree_exactly(optimizer_class, monkeypatch):
 
 @pytest.mark.parametrize("optimizer_class", [SAM, CRSAM])
 def test_weight_copies_follow_new_data(optimizer_class):
-    # The copies of w are reused while each parameter keeps its data pointer, shape and dtype.
+    # The copies of w are reused while each parameter keeps its pointer, shape, dtype and device.
     # New data of another dtype must get new copies: a stale float32 copy would round the
     # restored float64 weights.
     model = make_model()
@@ -341,11 +345,7 @@ def test_norm_layers_follow_model_changes(optimizer_class, change):
     x, y = make_batch()
     optimizer = optimizer_class(model.parameters(), torch.optim.SGD, model=model, **SGD_ARGS)
 
-    def closure():
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
+    closure = plain_closure(model, optimizer, x, y)
 
     optimizer.step(closure)
     if change == "setitem":
@@ -455,7 +455,7 @@ def test_grad_mode_restored_after_step(optimizer_class, grad_enabled, failing_ca
     assert all(calls)
 
 
-def test_last_step_gradients_released_before_their_pass():
+def test_kept_gradients_released_before_their_pass():
     # CR-SAM keeps the last step's g+ and g- and releases each right before the pass that
     # allocates its successor, so the allocator can hand the same memory back (see CRSAM._spare).
     import weakref
